@@ -1,0 +1,115 @@
+"""``build-index`` as a library function: from a geotagged dataset to a bundle on disk.
+
+Stages (each timed in the report): load records -> extract features (cached, resumable)
+-> cells and groups -> train the classifier -> project and index -> write the bundle.
+
+Work that is expensive to redo lives in a work folder beside the bundle,
+``<out parent>/.<name>.work/``: the feature cache (chunked, written atomically) and the
+classifier checkpoints. A build killed at any moment restarts from there; the bundle itself
+is only ever renamed into place complete (geoloc.bundle).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from geoloc.backbones import create_backbone
+from geoloc.bundle import write_bundle
+from geoloc.cells import build_cells
+from geoloc.config import Config
+from geoloc.data import load_records
+from geoloc.errors import DatasetError
+from geoloc.extract import extract_features
+from geoloc.fileio import sha256_json
+from geoloc.heads import classifier_state
+from geoloc.index import CellIndex
+from geoloc.train import TrainReport, train_classifier
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    images_used: int
+    images_skipped: int
+    cells: int
+    groups: int
+    images_in_dropped_cells: int
+    descriptor_dim: int
+    feature_dim: int
+    reused_feature_chunks: int
+    timings_s: dict[str, float] = field(default_factory=dict)
+    train: TrainReport | None = None
+
+
+def work_dir(out: Path) -> Path:
+    """Where the resumable intermediate state of a build of ``out`` lives."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
+def build_index(*, database: str | Path, out: str | Path, config: Config, progress: bool = True,
+                log: Callable[[str], None] = lambda _m: None) -> BuildReport:
+    """Build a bundle at ``out`` from the images and positions of ``database``."""
+    out = Path(out)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    records = load_records(database, split="database")
+    if len(records) == 0:
+        raise DatasetError(f"{database}: no images found")
+    lap("records")
+
+    backbone = create_backbone(config.backbone)
+    work = work_dir(out)
+    lap("backbone")
+    log(f"extracting {backbone.name} features of {len(records)} images (cache: {work / 'features'})")
+    ext = extract_features(records.abspaths(), backbone=backbone, batch_size=config.backbone.batch_size,
+                           num_workers=config.backbone.num_workers, cache_dir=work / "features", progress=progress)
+    lap("extract")
+    if not ext.ok.any():
+        raise DatasetError(f"{database}: none of the {len(records)} images could be decoded (first: {ext.errors[0][1]})")
+    good = records.subset(ext.ok)
+    # Skipped images are reported relative to the dataset root, like the records themselves.
+    skipped = [(records.paths[i], reason) for i, (_, reason) in zip(np.flatnonzero(~ext.ok), ext.errors)]
+
+    cc = config.cells
+    table, labels, filed = build_cells(good, size_m=cc.size_m, groups=cc.groups, min_images=cc.min_images_per_cell)
+    lap("cells")
+    log(f"{len(table)} cells of {cc.size_m:g} m in {table.n_groups} groups; "
+        f"{int((labels < 0).sum())} images in cells under {cc.min_images_per_cell} images")
+
+    model, train_report = train_classifier(features=ext.features, labels=labels, lat=good.lat, lon=good.lon,
+                                           table=table, config=config, checkpoint_dir=work / "train",
+                                           inputs_key=sha256_json([backbone.fingerprint, records.paths]), log=log)
+    lap("train")
+
+    with torch.inference_mode():
+        desc = model.embed(torch.from_numpy(ext.features)).numpy()
+        prototypes = model.prototypes(table)
+    state = classifier_state(model, table)
+    index = CellIndex.build(descriptors=desc, cells=filed, prototypes=prototypes.numpy(),
+                            neighbours=table.neighbours(), config=config.index)
+    lap("index")
+
+    stats = {"images_used": len(good), "images_skipped": len(skipped), "train_history": train_report.history,
+             "timings_s": timings}
+    write_bundle(out, config=config, backbone_info=backbone.describe(), table=table, records=good, filed=filed,
+                 projection=state["projection"], prototypes=state["prototypes"], index=index, skipped=skipped,
+                 stats=stats)
+    lap("write")
+    return BuildReport(out=out, images_used=len(good), images_skipped=len(skipped), cells=len(table),
+                       groups=table.n_groups, images_in_dropped_cells=int((labels < 0).sum()),
+                       descriptor_dim=int(desc.shape[1]), feature_dim=int(ext.features.shape[1]),
+                       reused_feature_chunks=ext.reused_chunks, timings_s=timings, train=train_report)
