@@ -36,7 +36,7 @@ import geoloc
 from geoloc.cells import CellTable
 from geoloc.config import Config
 from geoloc.errors import BundleError, GeolocError
-from geoloc.fileio import atomic_write_json, fsync_dir, sha256_file
+from geoloc.fileio import atomic_write_json, fsync_dir, sha256_file, sha256_json
 from geoloc.index import CellIndex
 from geoloc.records import Records
 
@@ -132,6 +132,7 @@ def write_bundle(
             "config": config.to_dict(),
             "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
         }
+        manifest["manifest_sha256"] = sha256_json(manifest)
         atomic_write_json(tmp / MANIFEST, manifest)
         fsync_dir(tmp)
         _swap_into_place(tmp, out)
@@ -166,6 +167,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise BundleError(f"{mf}: damaged manifest ({err}); rebuild the bundle with geoloc build-index") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "geoloc-bundle":
         raise BundleError(f"{mf}: not a geoloc bundle manifest")
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    if manifest.get("manifest_sha256") != sha256_json(body):
+        raise BundleError(f"{mf}: checksum differs from its content (damaged or edited); rebuild the bundle")
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise BundleError(f"{mf}: format_version missing or not an integer")
