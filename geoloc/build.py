@@ -76,7 +76,8 @@ def build_index(*, database: str | Path, out: str | Path, config: Config, progre
     lap("backbone")
     log(f"extracting {backbone.name} features of {len(records)} images (cache: {work / 'features'})")
     ext = extract_features(records.abspaths(), backbone=backbone, batch_size=config.backbone.batch_size,
-                           num_workers=config.backbone.num_workers, cache_dir=work / "features", progress=progress)
+                           num_workers=config.backbone.num_workers, cache_dir=work / "features", progress=progress,
+                           chunk_size=config.backbone.cache_chunk)
     lap("extract")
     if not ext.ok.any():
         raise DatasetError(f"{database}: none of the {len(records)} images could be decoded (first: {ext.errors[0][1]})")

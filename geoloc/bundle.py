@@ -97,8 +97,9 @@ def write_bundle(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a build that was killed
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         save_file({"projection": np.ascontiguousarray(projection, np.float32),

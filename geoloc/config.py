@@ -27,6 +27,8 @@ class BackboneConfig:
     """Square input side in pixels; 0 = the backbone's own default. ViT sides must be multiples of 14."""
     batch_size: int = 32
     num_workers: int = 2
+    cache_chunk: int = 1024
+    """Images per feature-cache chunk: the unit a killed build resumes from."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
 

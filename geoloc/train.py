@@ -126,11 +126,11 @@ def train_classifier(
     group_rows = [train_rows[table.group[labels[train_rows]] == g] for g in range(table.n_groups)]
     active = [g for g in range(table.n_groups) if len(group_rows[g])]
     steps_per_epoch = max(1, math.ceil(len(train_rows) / tc.batch_size))
-    rng = np.random.default_rng(tc.seed + start_epoch)
     val_feats = feats[val_rows]
 
     for epoch in range(start_epoch, tc.epochs):
         te = time.perf_counter()
+        rng = np.random.default_rng([tc.seed, epoch])  # per epoch: a resumed run samples like an uninterrupted one
         model.train()
         losses = []
         for step in range(steps_per_epoch):

@@ -103,3 +103,20 @@ def test_untrained_init_is_nearest_class_mean():
     with torch.no_grad():
         pred = (model.embed(torch.from_numpy(feats[rows])) @ model.prototypes(table).T).argmax(1).numpy()
     assert (pred == labels[rows]).mean() > 0.95
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    rec, table, labels, feats = _toy(n=600)
+    cfg = Config()
+    cfg.head.dim = 16
+    cfg.train.epochs = 4
+    full, _ = train_classifier(features=feats, labels=labels, lat=rec.lat, lon=rec.lon, table=table, config=cfg)
+    cfg.train.epochs = 2
+    train_classifier(features=feats, labels=labels, lat=rec.lat, lon=rec.lon, table=table, config=cfg,
+                     checkpoint_dir=tmp_path)
+    cfg.train.epochs = 4
+    resumed, rep = train_classifier(features=feats, labels=labels, lat=rec.lat, lon=rec.lon, table=table, config=cfg,
+                                    checkpoint_dir=tmp_path)
+    assert rep.resumed_from_epoch == 2
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
