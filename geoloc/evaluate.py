@@ -27,16 +27,33 @@ RECALL_AT = (1, 5, 10)
 
 
 @dataclass
+class QueryFeatures:
+    """Queries decoded and embedded once, reusable across modes, k and bundles of one backbone."""
+
+    records: Records
+    """The decodable queries."""
+    features: np.ndarray
+    """``[Q, F]`` pooled backbone features, L2-normalised."""
+    skipped: list[tuple[str, str]]
+    decode_ms: float
+    """Total decode time over all queries."""
+    backbone_ms: float
+
+
+@dataclass
 class ModeResult:
     mode: str
     queries: int
     recall: dict[int, float]
     median_error_m: float
     ms_per_query: dict[str, float]
+    vectors_scanned: float
+    """Mean database vectors compared per query (cell prototypes not counted)."""
 
     def to_json(self) -> dict:
         out = {f"lr@{n}": v for n, v in self.recall.items()}
-        return {**out, "median_error_m": self.median_error_m, "queries": self.queries, "ms_per_query": self.ms_per_query}
+        return {**out, "median_error_m": self.median_error_m, "queries": self.queries,
+                "vectors_scanned": self.vectors_scanned, "ms_per_query": self.ms_per_query}
 
 
 @dataclass
@@ -63,12 +80,16 @@ class EvalReport:
         return "\n".join(rows)
 
 
-def evaluate(loc: Localizer, queries: Records, *, modes: Sequence[str] = MODES, top_cells: int | None = None,
-             neighbours: bool | None = None, threshold_m: float = 25.0, batch_size: int = 16,
-             predictions: Path | None = None, progress: Callable[[int, int], None] | None = None) -> EvalReport:
-    """Evaluate ``modes`` on ``queries`` (records with true positions)."""
-    feats, ok, skipped, decode_ms, backbone_ms = _embed_queries(loc, queries, batch_size=batch_size, progress=progress)
-    q = queries.subset(ok)
+def evaluate(loc: Localizer, queries: Records | QueryFeatures, *, modes: Sequence[str] = MODES,
+             top_cells: int | None = None, neighbours: bool | None = None, threshold_m: float = 25.0,
+             batch_size: int = 16, predictions: Path | None = None,
+             progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    """Evaluate ``modes`` on ``queries`` (records with true positions, or their :func:`embed_queries`)."""
+    qf = queries if isinstance(queries, QueryFeatures) else embed_queries(loc, queries, batch_size=batch_size,
+                                                                          progress=progress)
+    q, feats = qf.records, qf.features
+    table = loc.bundle.table
+    ring = table.neighbours()
     results: dict[str, ModeResult] = {}
     lines: list[str] = []
     k_eval = max(RECALL_AT)
@@ -78,30 +99,38 @@ def evaluate(loc: Localizer, queries: Records, *, modes: Sequence[str] = MODES, 
             opts.top_cells = max(opts.top_cells, k_eval)
         opts.top_matches = max(opts.top_matches, k_eval)
         errors = np.full((len(q), k_eval), np.inf)
-        heads_ms = search_ms = 0.0
+        heads_ms = search_ms = scanned = 0.0
         for i in range(len(q)):
             pred = loc.localize_features(feats[i : i + 1], images=[str(q.paths[i])], options=opts)[0]
             heads_ms += pred.timings_ms["heads"]
             search_ms += pred.timings_ms["search"]
+            if mode == "retrieve":
+                scanned += len(loc.bundle.records)
+            elif mode == "hybrid":
+                lists = np.asarray(pred.top_cells)
+                if opts.neighbours:
+                    lists = np.union1d(lists, ring[lists].ravel())
+                scanned += table.n_images[lists[lists >= 0]].sum()
             cand = np.asarray(pred.candidates[:k_eval], dtype=np.float64).reshape(-1, 2)
             errors[i, : len(cand)] = geodesic_m(q.lat[i], q.lon[i], cand[:, 0], cand[:, 1])
             lines.append(json.dumps({"query": q.paths[i], "mode": mode, "lat": pred.lat, "lon": pred.lon,
                                      "cell": pred.cell, "match": pred.match, "error_m": float(errors[i, 0])}))
         n = max(len(q), 1)
         hit = errors <= threshold_m
-        ms = {"decode": decode_ms / n, "backbone": backbone_ms / n, "heads": heads_ms / n, "search": search_ms / n}
+        ms = {"decode": qf.decode_ms / n, "backbone": qf.backbone_ms / n, "heads": heads_ms / n, "search": search_ms / n}
         ms["total"] = sum(ms.values())
         results[mode] = ModeResult(mode, len(q), {r: float(hit[:, :r].any(1).mean()) if len(q) else float("nan")
                                                   for r in RECALL_AT},
                                    float(np.median(errors[:, 0])) if len(q) else float("nan"),
-                                   {k: round(v, 3) for k, v in ms.items()})
+                                   {k: round(v, 3) for k, v in ms.items()}, float(scanned / n))
     if predictions is not None:
         Path(predictions).write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
-    return EvalReport(results, threshold_m, top_cells or loc.config.query.top_cells, len(q), skipped)
+    return EvalReport(results, threshold_m, top_cells or loc.config.query.top_cells, len(q), qf.skipped)
 
 
-def _embed_queries(loc: Localizer, queries: Records, *, batch_size: int, progress):
-    """Decode and embed every query once; returns features ``[Q_ok, F]``, ok mask ``[Q]``, skipped, ms totals."""
+def embed_queries(loc: Localizer, queries: Records, *, batch_size: int = 16,
+                  progress: Callable[[int, int], None] | None = None) -> QueryFeatures:
+    """Decode and embed every query once (batched, stages timed separately); unreadable ones are skipped."""
     feats, ok, skipped = [], np.zeros(len(queries), bool), []
     decode_s = backbone_s = 0.0
     for start in range(0, len(queries), batch_size):
@@ -121,4 +150,5 @@ def _embed_queries(loc: Localizer, queries: Records, *, batch_size: int, progres
         if progress:
             progress(min(start + batch_size, len(queries)), len(queries))
     dim = loc.bundle.projection.shape[1]
-    return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), ok, skipped, 1e3 * decode_s, 1e3 * backbone_s
+    features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
+    return QueryFeatures(queries.subset(ok), features, skipped, 1e3 * decode_s, 1e3 * backbone_s)

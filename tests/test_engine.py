@@ -118,6 +118,9 @@ def test_eval_reports_every_mode(loc, built, tmp_path):
     for r in rep.modes.values():
         assert 0 <= r.recall[1] <= r.recall[5] <= r.recall[10] <= 1
         assert set(r.ms_per_query) == {"decode", "backbone", "heads", "search", "total"}
+    n = len(loc.bundle.records)
+    assert rep.modes["retrieve"].vectors_scanned == n and rep.modes["classify"].vectors_scanned == 0
+    assert 0 < rep.modes["hybrid"].vectors_scanned < n
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 24 and {"query", "mode", "lat", "lon", "cell", "match", "error_m"} <= set(json.loads(lines[0]))
     # the retrieve rows of the predictions reproduce the table's LR@1
