@@ -73,8 +73,13 @@ class TrainConfig:
 @dataclass
 class IndexConfig:
     quantizer: str = "auto"
-    """How cells are scored at query time: 'flat' (exact), 'hnsw' (approximate), 'auto' (hnsw above hnsw_min_cells)."""
-    hnsw_min_cells: int = 50_000
+    """How cells are scored at query time: 'flat' (exact scan), 'lsh' (binary-code shortlist re-ranked
+    exactly), 'hnsw' (graph), 'auto' (lsh from approx_min_cells cells on, flat below)."""
+    approx_min_cells: int = 10_000
+    lsh_bits: int = 0
+    """Bits per prototype code; 0 = max(256, descriptor dimension)."""
+    lsh_k_factor: float = 16.0
+    """The LSH shortlist holds lsh_k_factor * k cells, re-ranked by exact cosine."""
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     use_gpu: bool = True

@@ -1,0 +1,209 @@
+"""Shared helpers for the benchmarks: timing, memory, machine info, synthetic cell data."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+# --- synthetic data defaults (used when no --bundle calibrates them) -----------------------
+# Mean cosine between two database descriptors of the same 20 m cell, and of two random
+# different cells. Assumed values for pooled, L2-normalised DINOv2/EfficientNet street-view
+# descriptors (same cell, mixed headings ~0.45; unrelated places ~0.15). --bundle measures them.
+DEFAULT_INTRA_COS = 0.45
+DEFAULT_INTER_COS = 0.15
+DEFAULT_MEAN_CELL_SIZE = 60.0
+"""Mean images per cell (log-normal sizes clipped to 10..400: 'tens to hundreds')."""
+HEADINGS = 4
+"""Views per cell: images of one cell share a cell direction, and one of 4 heading directions."""
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux ru_maxrss is KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 3) -> dict[str, float]:
+    """Streaming read bandwidth in bytes/s: best of numpy sum (1 thread) and BLAS sgemv (all threads)
+    over a ``gib`` GiB float32 array."""
+    n = int(gib * 2**30 / 4)
+    a = np.ones(n, dtype=np.float32)
+    best_sum = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best_sum = max(best_sum, a.nbytes / (time.perf_counter() - t))
+    m = a.reshape(-1, 1024)
+    v = np.ones(1024, dtype=np.float32)
+    best_gemv = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        m @ v
+        best_gemv = max(best_gemv, a.nbytes / (time.perf_counter() - t))
+    del a, m
+    return {"numpy_sum_Bps": best_sum, "sgemv_Bps": best_gemv, "best_Bps": max(best_sum, best_gemv)}
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation, in place when float32; ``[n, D]`` -> ``[n, D]`` float32."""
+    x = np.asarray(x, dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+@dataclass
+class CellData:
+    """Synthetic database with the structure of the real problem.
+
+    Attributes:
+        xb: ``[N, D]`` float32 descriptors; cells: ``[N]`` int64 cell of each row.
+        prototypes: ``[C, D]`` float32 (normalised mean of each cell's members).
+        neighbours: ``[C, 8]`` int64 grid neighbours (-1 = none).
+        xq: ``[Q, D]`` float32 queries (new photos of random database places).
+        params: the generator's weights.
+    """
+
+    xb: np.ndarray
+    cells: np.ndarray
+    prototypes: np.ndarray
+    neighbours: np.ndarray
+    xq: np.ndarray
+    params: dict
+
+
+def generator_weights(intra: float, inter: float) -> dict[str, float]:
+    """Squared weights of the descriptor components that give the wanted mean cosines.
+
+    Model: ``x = a m + b u_block,h + g u_cell + d u_cell,h + s e`` with unit random
+    directions: ``m`` global, ``u_block,h`` shared by a 3x3 block of cells looking the same
+    way (heading h), ``u_cell``, ``u_cell,h``, and noise ``e``. Mean same-cell cosine =
+    ``a2 + g2 + (b2 + d2) / H``; mean random-pair cosine ~ ``a2``.
+    """
+    if not 0 <= inter < intra < 1:
+        raise ValueError(f"need 0 <= inter ({inter:.3f}) < intra ({intra:.3f}) < 1")
+    spec = intra - inter
+    x = spec / (0.3 + 0.7 / HEADINGS)
+    a2, g2, b2, d2 = inter, 0.3 * x, 0.35 * x, 0.35 * x
+    s2 = 1.0 - (a2 + g2 + b2 + d2)
+    if s2 < 0.02:  # too tight for this split: shrink the heading parts
+        scale = (1.0 - 0.02 - a2 - g2) / (b2 + d2)
+        b2, d2, s2 = b2 * scale, d2 * scale, 0.02
+    return {"a2": a2, "b2": b2, "g2": g2, "d2": d2, "s2": s2, "intra": intra, "inter": inter}
+
+
+def make_cell_data(n: int, dim: int, *, nq: int, intra: float = DEFAULT_INTRA_COS, inter: float = DEFAULT_INTER_COS,
+                   mean_cell: float = DEFAULT_MEAN_CELL_SIZE, query_noise: float = 1.5, seed: int = 0) -> CellData:
+    """Generate ``n`` database descriptors in cells laid on a square grid, plus ``nq`` queries.
+
+    Queries pick a random database row's cell and heading and add ``query_noise`` times the
+    database noise variance (another photo of the place, other day, other camera).
+    """
+    rng = np.random.default_rng(seed)
+    w = generator_weights(intra, inter)
+    sigma = 0.9
+    mu = np.log(mean_cell) - sigma**2 / 2
+    sizes = []
+    total = 0
+    while total < n:
+        s = np.clip(rng.lognormal(mu, sigma, size=4096), 10, 400).astype(np.int64)
+        sizes.append(s)
+        total += int(s.sum())
+    sizes = np.concatenate(sizes)
+    cum = np.cumsum(sizes)
+    c = int(np.searchsorted(cum, n) + 1)
+    sizes = sizes[:c].copy()
+    sizes[-1] -= int(cum[c - 1] - n)
+    if sizes[-1] <= 0:
+        sizes = sizes[:-1]
+        c -= 1
+    cells = np.repeat(np.arange(c, dtype=np.int64), sizes)
+    side = int(np.ceil(np.sqrt(c)))
+    p, q = np.arange(c) // side, np.arange(c) % side
+    block = (p // 3) * ((side + 2) // 3) + (q // 3)
+    n_blocks = int(block.max()) + 1
+
+    def units(k: int) -> np.ndarray:
+        return normalise(rng.standard_normal((k, dim), dtype=np.float32))
+
+    m = units(1)[0]
+    u_block = units(n_blocks * HEADINGS).reshape(n_blocks, HEADINGS, dim)
+    u_cell = units(c)
+    u_cell_h = units(c * HEADINGS).reshape(c, HEADINGS, dim)
+    coef = {k: np.float32(np.sqrt(v)) for k, v in w.items() if k.endswith("2")}
+
+    def compose(cell_of: np.ndarray, head: np.ndarray, noise_var: float) -> np.ndarray:
+        out = np.empty((len(cell_of), dim), dtype=np.float32)
+        step = 65536
+        for i in range(0, len(cell_of), step):
+            cc, hh = cell_of[i:i + step], head[i:i + step]
+            x = rng.standard_normal((len(cc), dim), dtype=np.float32)
+            x *= np.float32(np.sqrt(noise_var / dim))
+            x += coef["a2"] * m
+            x += coef["b2"] * u_block[block[cc], hh]
+            x += coef["g2"] * u_cell[cc]
+            x += coef["d2"] * u_cell_h[cc, hh]
+            out[i:i + step] = normalise(x)
+        return out
+
+    heads = rng.integers(0, HEADINGS, size=n)
+    xb = compose(cells, heads, w["s2"])
+    protos = np.zeros((c, dim), dtype=np.float32)
+    _segment_sum(protos, cells, xb)  # cells is sorted
+    protos = normalise(protos)
+    src = rng.integers(0, n, size=nq)
+    xq = compose(cells[src], heads[src], w["s2"] * query_noise)
+    nb = np.full((c, 8), -1, dtype=np.int64)
+    j = 0
+    for dp in (-1, 0, 1):
+        for dq in (-1, 0, 1):
+            if (dp, dq) == (0, 0):
+                continue
+            pp, qq = p + dp, q + dq
+            ok = (pp >= 0) & (qq >= 0) & (qq < side) & (pp * side + qq < c)
+            nb[:, j] = np.where(ok, pp * side + qq, -1)
+            j += 1
+    return CellData(xb, cells, protos, nb, xq, dict(w, mean_cell=float(n / c), n_cells=c, query_noise=query_noise))
+
+
+def _segment_sum(out: np.ndarray, cells: np.ndarray, x: np.ndarray) -> None:
+    """``out[c] += sum of x[cells == c]`` for sorted ``cells`` ``[N]``; ``x`` ``[N, D]``."""
+    starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+    out[cells[starts]] += np.add.reduceat(x, starts, axis=0)
+
+
+def measure_cosines(xb: np.ndarray, cells: np.ndarray, *, pairs: int = 20000, seed: int = 0) -> tuple[float, float]:
+    """Mean intra-cell and inter-cell cosine over random pairs; xb ``[N, D]``, cells ``[N]``."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(cells, kind="stable")
+    sc = cells[order]
+    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]])
+    counts = np.diff(np.r_[starts, len(sc)])
+    ok = np.flatnonzero(counts >= 2)
+    pick = rng.choice(ok, size=pairs)
+    i = order[starts[pick] + (rng.random(pairs) * counts[pick]).astype(np.int64)]
+    j = order[starts[pick] + (rng.random(pairs) * counts[pick]).astype(np.int64)]
+    keep = i != j
+    intra = float(np.einsum("ij,ij->i", xb[i[keep]], xb[j[keep]]).mean())
+    a, b = rng.integers(0, len(xb), size=(2, pairs))
+    keep = cells[a] != cells[b]
+    inter = float(np.einsum("ij,ij->i", xb[a[keep]], xb[b[keep]]).mean())
+    return intra, inter
+
+
+def env_threads() -> dict[str, str | int | None]:
+    return {"cpu_count": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
