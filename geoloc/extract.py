@@ -5,7 +5,7 @@ in batches and returns L2-normalised float32 features, skipping (and reporting) 
 cannot be decoded -- they never become zero rows.
 
 With ``cache_dir`` the work is split into chunks of ``chunk_size`` images; each finished chunk
-is written atomically (``chunk_000012.safetensors.tmp`` then ``os.replace``), next to a
+is written atomically (:func:`geoloc.fileio.atomic_write_bytes`: a temporary file, then ``os.replace``), next to a
 ``cache.json`` naming the cache key: sha256 over the backbone (fingerprint, input size,
 preprocessing), the loader settings, the chunk size and the list of paths. A run killed at any
 moment leaves only whole chunk files; the next run with the same key loads them and extracts
@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import inspect
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from geoloc import images as _images
+from geoloc.fileio import atomic_write_bytes
 from geoloc.backbones import Backbone
 from geoloc.errors import GeolocError, ImageError
 
@@ -190,27 +190,9 @@ def _chunk_name(c: int) -> str:
     return f"chunk_{c:06d}.safetensors"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _clear_cache(cache_dir: Path) -> None:
     for f in cache_dir.iterdir():
-        if f.name.startswith("chunk_") and (f.name.endswith(".safetensors") or f.name.endswith(".tmp")):
+        if f.name.startswith("chunk_") and f.name.endswith(".safetensors") or ".tmp-" in f.name:
             f.unlink(missing_ok=True)
 
 
@@ -223,14 +205,13 @@ def _open_cache(cache_dir: Path, key: str, n: int, chunk_size: int, feature_dim:
         same = isinstance(meta, dict) and meta.get("key") == key and meta.get("format") == CACHE_FORMAT
     except (OSError, ValueError):
         same = False
-    for f in cache_dir.glob("*.tmp"):  # leftovers of a killed write: never read
+    for f in cache_dir.glob(".*.tmp-*"):  # leftovers of a killed write (geoloc.fileio): never read
         f.unlink(missing_ok=True)
     if same:
         return
     _clear_cache(cache_dir)  # old chunks go before the new key is written: never mixed
     meta = {"format": CACHE_FORMAT, "key": key, "n": n, "chunk_size": chunk_size, "feature_dim": feature_dim}
-    _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
-    _fsync_dir(cache_dir)
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
 
 
 def _save_chunk(cache_dir: Path, c: int, key: str, feats: np.ndarray, ok: np.ndarray, errors: list[tuple[str, str]]) -> None:
@@ -241,7 +222,7 @@ def _save_chunk(cache_dir: Path, c: int, key: str, feats: np.ndarray, ok: np.nda
         {"features": np.ascontiguousarray(feats, dtype=np.float32), "ok": ok.astype(np.uint8)},
         metadata={"key": key, "chunk": str(c), "errors": json.dumps(errors)},
     )
-    _atomic_write_bytes(cache_dir / _chunk_name(c), data)
+    atomic_write_bytes(cache_dir / _chunk_name(c), data)
 
 
 def _load_chunk(cache_dir: Path, c: int, key: str, n: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:

@@ -155,10 +155,10 @@ def test_damaged_chunk_and_tmp_leftovers_are_not_read(tmp_path, tiny):
     full = extract_features(paths, backbone=tiny, cache_dir=cache, **kw)
     data = (cache / "chunk_000001.safetensors").read_bytes()
     (cache / "chunk_000001.safetensors").write_bytes(data[: len(data) // 2])  # torn file
-    (cache / "chunk_000002.safetensors.tmp").write_bytes(b"half")
+    (cache / ".chunk_000002.safetensors.tmp-4242").write_bytes(b"half")  # geoloc.fileio's temporary name
     again = extract_features(paths, backbone=tiny, cache_dir=cache, **kw)
     assert (again.reused_chunks, again.extracted_chunks) == (2, 1)
-    assert not list(cache.glob("*.tmp"))
+    assert not list(cache.glob(".*.tmp-*"))
     _same(again, full)
 
 

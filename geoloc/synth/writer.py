@@ -1,0 +1,343 @@
+"""``generate_city``: a geotagged street-level dataset of a procedural city, written to disk.
+
+Layout under ``out/``: ``database/``, ``queries/``, ``aerial/`` (JPEGs named in the VPR
+``@east@north@zone@letter@lat@lon@pano@tile@heading@pitch@roll@height@timestamp@note@.jpg``
+convention), ``database.csv``, ``queries.csv``, ``aerial.csv`` and ``city.json``.
+
+Every image depends only on (seed, its own index, the generator version): poses and looks are
+drawn up front from named sub-streams of the seed, and each rendering gets its own seed, so
+the bytes are the same for any number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import utm
+from PIL import Image
+
+from geoloc.errors import DatasetError
+from geoloc.geo import check_latlon, latlon_to_utm, utm_to_latlon
+from geoloc.synth.aerial import render_aerial_tile
+from geoloc.synth.city import GMAP_RES, G_CROSS, G_MARK, G_ROAD, SYNTH_VERSION, City, build_city, street_walk
+from geoloc.synth.render import CAM_HEIGHT, Look, render_view
+
+SHIFTS = ("none", "mild", "strong")
+DB_PITCH = 6.0
+"""Database camera pitch (degrees up): a little above the horizon shows more facade."""
+DB_JPEG_QUALITY = 90
+AERIAL_TILE_M = 100.0
+CSV_HEADER = "path,lat,lon,east,north,zone,zone_letter,heading"
+
+# sub-stream tags of the seed
+_S_QUERY, _S_RENDER_DB, _S_RENDER_Q = 11, 12, 13
+
+
+@dataclass
+class CityInfo:
+    """What :func:`generate_city` wrote."""
+
+    out: Path
+    n_database: int
+    n_queries: int
+    n_aerial: int
+    zone: int
+    zone_letter: str
+    seconds: float
+    images_per_second: float
+    database_csv: Path
+    queries_csv: Path
+    aerial_csv: Path | None
+    city_json: Path
+
+
+@dataclass
+class _Shot:
+    """One image to render: local pose, look, file name and its labels."""
+
+    x: float
+    y: float
+    heading: float
+    pitch: float
+    look: Look
+    quality: int
+    seed: int
+    path: str  # relative to out/
+
+
+def _vpr_name(east: float, north: float, zone: int, letter: str, lat: float, lon: float, pano: str, tile: str,
+              heading: float, pitch: float, timestamp: str, note: str) -> str:
+    return (f"@{east:.2f}@{north:.2f}@{zone}@{letter}@{lat:.7f}@{lon:.7f}@{pano}@{tile}@{heading:.1f}"
+            f"@{pitch:.1f}@@{CAM_HEIGHT:g}@{timestamp}@{note}@.jpg")
+
+
+def _image_seed(seed: int, stream: int, index: int) -> int:
+    return int(np.random.SeedSequence([int(seed), stream, int(index)]).generate_state(1)[0])
+
+
+def _query_look(level: str, rng: np.random.Generator, salt: int) -> tuple[Look, int, float, float]:
+    """(look, jpeg quality, heading jitter deg, pitch jitter deg) of one query under ``level``."""
+    if level == "none":
+        return Look(), DB_JPEG_QUALITY, 10.0, 0.0
+    if level == "mild":
+        tod = ("day", "day", "morning", "overcast")[int(rng.integers(0, 4))]
+        look = Look(tod=tod, fog=float(rng.uniform(0.0, 0.35)), fog_dist=float(rng.uniform(120, 250)),
+                    blur=float(rng.uniform(0.0, 0.8)), noise=float(rng.uniform(0.0, 4.0)), facade_change=0.2,
+                    cars=int(rng.integers(0, 3)), people=int(rng.integers(0, 3)), salt=salt)
+        return look, int(rng.integers(70, 91)), 15.0, 3.0
+    tod = ("dusk", "night", "overcast", "morning")[int(rng.integers(0, 4))]
+    look = Look(tod=tod, fog=float(rng.uniform(0.3, 0.65)), fog_dist=float(rng.uniform(70, 150)),
+                blur=float(rng.uniform(0.5, 1.5)), noise=float(rng.uniform(4.0, 10.0)), facade_change=0.5,
+                cars=int(rng.integers(1, 6)), people=int(rng.integers(0, 5)), salt=salt)
+    return look, int(rng.integers(35, 61)), 25.0, 6.0
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise DatasetError(msg)
+
+
+# -- rendering workers ---------------------------------------------------------------------------
+
+_CTX: dict = {}
+
+
+def _render_one(task: tuple[int, int]) -> int:
+    kind, i = task
+    city, out, size = _CTX["city"], _CTX["out"], _CTX["size"]
+    sh: _Shot = _CTX["shots"][kind][i]
+    arr = render_view(city, x=sh.x, y=sh.y, heading_deg=sh.heading, pitch_deg=sh.pitch, size=size,
+                      look=sh.look, seed=sh.seed)
+    Image.fromarray(arr, "RGB").save(out / sh.path, format="JPEG", quality=sh.quality, optimize=False,
+                                      progressive=False, subsampling=2)
+    return 1
+
+
+def place_city(*, seed: int, extent_m: float, origin_latlon: tuple[float, float]) -> City:
+    """Build the city of ``seed`` and place its centre at ``origin_latlon`` (UTM of the origin's zone)."""
+    lat0, lon0 = float(origin_latlon[0]), float(origin_latlon[1])
+    check_latlon(np.array([lat0]), np.array([lon0]), where="origin_latlon")
+    e0, n0, z0, south = latlon_to_utm(np.array([lat0]), np.array([lon0]))
+    city = build_city(seed=seed, extent_m=extent_m)
+    city.sw_east = float(round(float(e0[0]) - extent_m / 2))
+    city.sw_north = float(round(float(n0[0]) - extent_m / 2))
+    city.zone = int(z0[0])
+    city.zone_letter = utm.latitude_to_zone_letter(lat0)
+    city.south = bool(south[0])
+    return city
+
+
+def load_city(out: Path) -> City:
+    """Rebuild the :class:`City` of a generated folder from its ``city.json`` (deterministic)."""
+    meta = json.loads((Path(out) / "city.json").read_text())
+    if meta.get("version") != SYNTH_VERSION:
+        raise DatasetError(f"{out}/city.json: generator version {meta.get('version')} != {SYNTH_VERSION}; regenerate the city")
+    p = meta["parameters"]
+    return place_city(seed=p["seed"], extent_m=p["extent_m"], origin_latlon=tuple(p["origin_latlon"]))
+
+
+def _labels(city: City, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Local (x, y) -> UTM east, north (rounded to 1 cm) and the lat, lon of those rounded values."""
+    east = np.round(city.sw_east + np.asarray(x, np.float64), 2)
+    north = np.round(city.sw_north + np.asarray(y, np.float64), 2)
+    lat, lon = utm_to_latlon(east, north, np.full(east.shape, city.zone), np.full(east.shape, city.south))
+    return east, north, lat, lon
+
+
+def _write_csv(path: Path, rows: list[str]) -> None:
+    path.write_text(CSV_HEADER + "\n" + "".join(r + "\n" for r in rows))
+
+
+def generate_city(*, out: Path, seed: int = 0, extent_m: float = 1000.0, spacing_m: float = 5.0,
+                  shift: str = "mild", n_queries: int = 500, headings: int = 4, image_size: int = 256,
+                  origin_latlon: tuple[float, float] = (55.7047, 13.1910), aerial: bool = True,
+                  progress: bool = True, workers: int = 1) -> CityInfo:
+    """Generate a synthetic city dataset into ``out`` (see the module docstring for the layout).
+
+    Raises:
+        DatasetError: an invalid argument, or ``out`` is a non-empty folder that is not a
+            previously generated city (a generated one is replaced).
+    """
+    t_start = time.perf_counter()
+    _check(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**63,
+           f"seed must be a non-negative integer (got {seed!r})")
+    _check(isinstance(extent_m, (int, float)) and 60.0 <= float(extent_m) <= 5000.0,
+           f"extent_m must lie in [60, 5000] metres (got {extent_m!r})")
+    _check(isinstance(spacing_m, (int, float)) and 1.0 <= float(spacing_m) <= 100.0,
+           f"spacing_m must lie in [1, 100] metres (got {spacing_m!r})")
+    _check(shift in SHIFTS, f"shift must be one of {', '.join(SHIFTS)} (got {shift!r})")
+    _check(isinstance(n_queries, (int, np.integer)) and 0 <= n_queries <= 1_000_000,
+           f"n_queries must be an integer in [0, 1000000] (got {n_queries!r})")
+    _check(isinstance(headings, (int, np.integer)) and 1 <= headings <= 36,
+           f"headings must be an integer in [1, 36] (got {headings!r})")
+    _check(isinstance(image_size, (int, np.integer)) and 64 <= image_size <= 2048,
+           f"image_size must be an integer in [64, 2048] pixels (got {image_size!r})")
+    _check(isinstance(workers, (int, np.integer)) and workers >= 1, f"workers must be >= 1 (got {workers!r})")
+    try:
+        origin = (float(origin_latlon[0]), float(origin_latlon[1]))
+    except (TypeError, ValueError, IndexError):
+        raise DatasetError(f"origin_latlon must be a (lat, lon) pair of degrees (got {origin_latlon!r})") from None
+    out = Path(out)
+    if out.exists():
+        _check(out.is_dir(), f"{out}: exists and is not a folder; choose another --out")
+        if any(out.iterdir()):
+            _check((out / "city.json").is_file(),
+                   f"{out}: folder is not empty and holds no generated city; choose an empty or new folder")
+            for sub in ("database", "queries", "aerial"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+            for f in ("database.csv", "queries.csv", "aerial.csv", "city.json"):
+                (out / f).unlink(missing_ok=True)
+    extent_m, spacing_m = float(extent_m), float(spacing_m)
+    city = place_city(seed=int(seed), extent_m=extent_m, origin_latlon=origin)
+    zone, letter = city.zone, city.zone_letter
+
+    # -- database poses: every street, every spacing_m, `headings` headings --------------------
+    pos = street_walk(city, spacing_m)
+    hdg = np.round((np.arange(headings) * (360.0 / headings)) % 360.0, 1)
+    de, dn, dlat, dlon = _labels(city, pos[:, 0], pos[:, 1])
+    db_shots, db_rows = [], []
+    for p in range(len(pos)):
+        for k, h in enumerate(hdg):
+            name = _vpr_name(de[p], dn[p], zone, letter, dlat[p], dlon[p], f"synth{p:06d}", str(k), float(h),
+                             DB_PITCH, "202406", "database")
+            rel = f"database/{name}"
+            db_shots.append(_Shot(float(de[p] - city.sw_east), float(dn[p] - city.sw_north), float(h), DB_PITCH,
+                                  Look(), DB_JPEG_QUALITY, _image_seed(seed, _S_RENDER_DB, len(db_shots)), rel))
+            db_rows.append(f"{rel},{dlat[p]:.7f},{dlon[p]:.7f},{de[p]:.2f},{dn[p]:.2f},{zone},{letter},{h:.1f}")
+
+    # -- queries: other positions on the streets, random-ish headings, shifted looks -------------
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _S_QUERY]))
+    streets = [(0, c, w) for c, w in city.h_streets] + [(1, c, w) for c, w in city.v_streets]
+    q_shots, q_rows = [], []
+    margin = 3.0
+    tries = 0
+    while len(q_shots) < n_queries:
+        tries += 1
+        _check(tries < 100 * n_queries + 1000, "cannot place queries away from the database positions; use a larger city")
+        axis, c, w = streets[int(rng.integers(0, len(streets)))]
+        along = float(rng.uniform(margin, extent_m - margin))
+        road_half = (w - 5.0 if w < 15 else w - 6.0) / 2
+        lateral = float(rng.uniform(-road_half + 0.5, road_half - 0.5))
+        x, y = (along, c + lateral) if axis == 0 else (c + lateral, along)
+        x, y = round(x, 2), round(y, 2)
+        if np.min((pos[:, 0] - x) ** 2 + (pos[:, 1] - y) ** 2) < 1.0:
+            continue
+        gi, gj = int(x / GMAP_RES), int(y / GMAP_RES)
+        if city.gmap[gj, gi] not in (G_ROAD, G_MARK, G_CROSS):
+            continue
+        i = len(q_shots)
+        look, quality, hj, pj = _query_look(shift, rng, salt=i + 1)
+        base = float(hdg[int(rng.integers(0, len(hdg)))])
+        heading = round((base + float(rng.uniform(-hj, hj))) % 360.0, 1) % 360.0
+        pitch = round(DB_PITCH + float(rng.uniform(-pj, pj)), 1)
+        e, n, la, lo = (v[0] for v in _labels(city, np.array([x]), np.array([y])))
+        name = _vpr_name(e, n, zone, letter, la, lo, f"query{i:06d}", "0", heading, pitch, "202411",
+                         f"{shift}-{look.tod}")
+        rel = f"queries/{name}"
+        q_shots.append(_Shot(float(e - city.sw_east), float(n - city.sw_north), heading, pitch, look, quality,
+                             _image_seed(seed, _S_RENDER_Q, i), rel))
+        q_rows.append(f"{rel},{la:.7f},{lo:.7f},{e:.2f},{n:.2f},{zone},{letter},{heading:.1f}")
+
+    for sub in ("database", "queries"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- render -------------------------------------------------------------------------------
+    _CTX.update(city=city, out=out, size=int(image_size), shots=(db_shots, q_shots))
+    tasks = [(0, i) for i in range(len(db_shots))] + [(1, i) for i in range(len(q_shots))]
+    total = len(tasks)
+    t_render = time.perf_counter()
+    done = 0
+    step = max(1, total // 20)
+
+    def report() -> None:
+        if progress and (done % step == 0 or done == total):
+            el = time.perf_counter() - t_render
+            print(f"synth-city: {done}/{total} images, {done / max(el, 1e-9):.0f} img/s", file=sys.stderr, flush=True)
+
+    try:
+        if workers > 1 and total > 8 and "fork" in mp.get_all_start_methods():
+            with mp.get_context("fork").Pool(int(workers)) as pool:
+                for _ in pool.imap_unordered(_render_one, tasks, chunksize=16):
+                    done += 1
+                    report()
+        else:
+            for t in tasks:
+                _render_one(t)
+                done += 1
+                report()
+    finally:
+        _CTX.clear()
+    render_s = time.perf_counter() - t_render
+
+    _write_csv(out / "database.csv", db_rows)
+    _write_csv(out / "queries.csv", q_rows)
+
+    # -- aerial tiles -----------------------------------------------------------------------------
+    n_aerial, aerial_csv = 0, None
+    if aerial:
+        (out / "aerial").mkdir(exist_ok=True)
+        nt = max(1, int(math.ceil(extent_m / AERIAL_TILE_M)))
+        size_m = extent_m / nt
+        a_rows = []
+        for j in range(nt):
+            for i in range(nt):
+                x, y = (i + 0.5) * size_m, (j + 0.5) * size_m
+                e, n, la, lo = (v[0] for v in _labels(city, np.array([x]), np.array([y])))
+                tile = render_aerial_tile(city, east=e, north=n, size_m=size_m, pixels=int(image_size))
+                name = _vpr_name(e, n, zone, letter, la, lo, f"aerial{j:03d}{i:03d}", f"{size_m:g}m", 0.0, -90.0,
+                                 "202406", "aerial")
+                tile.save(out / "aerial" / name, format="JPEG", quality=DB_JPEG_QUALITY, optimize=False,
+                          progressive=False, subsampling=2)
+                a_rows.append(f"aerial/{name},{la:.7f},{lo:.7f},{e:.2f},{n:.2f},{zone},{letter},0.0")
+        aerial_csv = out / "aerial.csv"
+        _write_csv(aerial_csv, a_rows)
+        n_aerial = len(a_rows)
+
+    meta = {
+        "generator": "geoloc.synth",
+        "version": SYNTH_VERSION,
+        "parameters": {
+            "seed": int(seed), "extent_m": extent_m, "spacing_m": spacing_m, "shift": shift,
+            "n_queries": int(n_queries), "headings": int(headings), "image_size": int(image_size),
+            "origin_latlon": list(origin), "aerial": bool(aerial),
+        },
+        "utm": {"zone": zone, "zone_letter": letter, "sw_east": city.sw_east, "sw_north": city.sw_north},
+        "counts": {"database": len(db_shots), "database_positions": int(len(pos)), "queries": len(q_shots),
+                   "aerial": n_aerial, "buildings": city.n_buildings, "sprites": int(city.sx.size),
+                   "streets_ew": int(len(city.h_streets)), "streets_ns": int(len(city.v_streets))},
+        "landmarks": [dict(lm, east=round(city.sw_east + lm["x"], 2), north=round(city.sw_north + lm["y"], 2))
+                      for lm in city.landmarks],
+        "camera": {"height_m": CAM_HEIGHT, "fov_deg": 90.0, "database_pitch_deg": DB_PITCH},
+    }
+    (out / "city.json").write_text(json.dumps(meta, indent=2) + "\n")
+    secs = time.perf_counter() - t_start
+    return CityInfo(out=out, n_database=len(db_shots), n_queries=len(q_shots), n_aerial=n_aerial, zone=zone,
+                    zone_letter=letter, seconds=secs, images_per_second=total / max(render_s, 1e-9),
+                    database_csv=out / "database.csv", queries_csv=out / "queries.csv", aerial_csv=aerial_csv,
+                    city_json=out / "city.json")
+
+
+def contact_sheet(paths: list[str | Path], out_png: str | Path, cols: int = 8, thumb: int = 192) -> Path:
+    """Tile images (``thumb`` px squares, ``cols`` per row) into one PNG; returns its path."""
+    paths = list(paths)
+    if not paths:
+        raise DatasetError("contact_sheet: no images given")
+    cols = max(1, min(int(cols), len(paths)))
+    rows = (len(paths) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * thumb, rows * thumb), (0, 0, 0))
+    for k, p in enumerate(paths):
+        with Image.open(p) as im:
+            im = im.convert("RGB").resize((thumb, thumb), Image.BILINEAR)
+        sheet.paste(im, ((k % cols) * thumb, (k // cols) * thumb))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out_png, format="PNG")
+    return out_png

@@ -1,0 +1,217 @@
+"""Synthetic city generator: determinism, VPR names and labels, query placement, content sanity."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geoloc.errors import DatasetError
+from geoloc.geo import latlon_to_utm
+from geoloc.synth import (
+    Look, build_city, contact_sheet, generate_city, load_city, place_city, render_aerial_tile, render_view,
+    street_walk,
+)
+from geoloc.synth.writer import _query_look
+
+TINY = dict(seed=3, extent_m=150.0, spacing_m=15.0, headings=2, n_queries=6, image_size=256, shift="mild",
+            progress=False)
+
+# sha256 over (relative path, bytes) of every file of generate_city(**TINY). It changes only when the
+# generator's output changes, which must come with a bump of geoloc.synth.SYNTH_VERSION (and then this pin).
+PINNED_SHA256 = "e70e4abb7f1a8c8423085902dfd358c0b03e7d45b8e03d7374632541b323a74b"
+
+
+def tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + b"\0")
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def parse(name: str) -> list[str]:
+    parts = name.split("@")
+    assert parts[0] == "" and parts[-1] == ".jpg", name
+    return parts[1:-1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("tiny") / "city"
+    return out, generate_city(out=out, **TINY)
+
+
+def test_same_seed_same_bytes_any_workers(tiny, tmp_path):
+    out, info = tiny
+    again = generate_city(out=tmp_path / "again", **{**TINY, "workers": 2})
+    assert again.n_database == info.n_database and again.n_queries == info.n_queries
+    assert tree_hash(tmp_path / "again") == tree_hash(out)
+    other = generate_city(out=tmp_path / "other", **{**TINY, "seed": 4})
+    assert tree_hash(tmp_path / "other") != tree_hash(out)
+
+
+def test_pinned_hash(tiny):
+    out, _ = tiny
+    assert tree_hash(out) == PINNED_SHA256, "generator output changed: bump SYNTH_VERSION and re-pin"
+
+
+def test_counts_and_layout(tiny):
+    out, info = tiny
+    assert info.zone == 33 and info.zone_letter == "U"
+    assert info.n_database == len(list((out / "database").glob("*.jpg"))) > 20
+    assert info.n_queries == len(list((out / "queries").glob("*.jpg"))) == TINY["n_queries"]
+    assert info.n_aerial == len(list((out / "aerial").glob("*.jpg"))) == 4
+    assert (out / "city.json").is_file() and info.images_per_second > 0
+
+
+@pytest.mark.parametrize("sub", ["database", "queries", "aerial"])
+def test_names_parse_and_match_csv(tiny, sub):
+    out, _ = tiny
+    files = sorted((out / sub).glob("*.jpg"))
+    rows = list(csv.DictReader(open(out / f"{sub}.csv")))
+    assert list(rows[0].keys()) == ["path", "lat", "lon", "east", "north", "zone", "zone_letter", "heading"]
+    assert sorted(r["path"] for r in rows) == sorted(f"{sub}/{f.name}" for f in files)
+    by_path = {r["path"]: r for r in rows}
+    east, north, lat, lon = [], [], [], []
+    for f in files:
+        fld = parse(f.name)
+        assert len(fld) == 14
+        assert fld[2] == "33" and fld[3] == "U"
+        r = by_path[f"{sub}/{f.name}"]
+        assert (r["east"], r["north"], r["zone"], r["zone_letter"], r["lat"], r["lon"]) == tuple(fld[:6])
+        assert float(r["heading"]) == float(fld[8])
+        assert (fld[13] == "aerial") == (sub == "aerial")
+        east.append(float(fld[0])); north.append(float(fld[1])); lat.append(float(fld[4])); lon.append(float(fld[5]))
+    e, n, z, s = latlon_to_utm(np.array(lat), np.array(lon))
+    assert (z == 33).all() and not s.any()
+    assert np.abs(e - np.array(east)).max() < 0.01 and np.abs(n - np.array(north)).max() < 0.01
+
+
+def test_queries_off_grid_with_varied_headings(tiny):
+    out, _ = tiny
+    def read(sub):
+        rows = list(csv.DictReader(open(out / f"{sub}.csv")))
+        return np.array([[float(r["east"]), float(r["north"]), float(r["heading"])] for r in rows])
+    db, q = read("database"), read("queries")
+    d = np.sqrt(((q[:, None, :2] - db[None, :, :2]) ** 2).sum(-1)).min(1)
+    assert (d > 0.5).all()
+    assert (d < 40).all()  # still near the database: localisable
+    assert len(np.unique(q[:, 2])) >= 3
+    assert len(np.unique(db[:, 2])) == TINY["headings"]
+
+
+def test_images_are_rgb_jpegs_with_content(tiny):
+    out, _ = tiny
+    for sub in ("database", "queries", "aerial"):
+        for f in sorted((out / sub).glob("*.jpg"))[:5]:
+            with Image.open(f) as im:
+                assert im.format == "JPEG" and im.mode == "RGB" and im.size == (256, 256)
+                assert np.asarray(im).std() > 10
+
+
+def test_load_city_rebuilds_the_same_city(tiny):
+    out, _ = tiny
+    c = load_city(out)
+    c2 = place_city(seed=TINY["seed"], extent_m=TINY["extent_m"], origin_latlon=(55.7047, 13.1910))
+    assert np.array_equal(c.bmap, c2.bmap) and c.sw_east == c2.sw_east
+
+
+def test_city_has_streets_styles_landmarks_and_furniture():
+    c = build_city(seed=0, extent_m=400.0)
+    assert len(c.h_streets) >= 2 and len(c.v_streets) >= 2
+    assert c.n_buildings > 100
+    assert len(np.unique(c.bstyle)) >= 6
+    assert {lm["kind"] for lm in c.landmarks} == {"tower", "church", "mural"}
+    assert len(np.unique(c.skind)) >= 5  # trees, lamps, benches, signs, steeples, bins
+    assert c.bh.min() >= 4 and c.bh.max() > 50
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel(); b = b.astype(np.float64).ravel()
+    a -= a.mean(); b -= b.mean()
+    return float((a @ b) / np.sqrt((a @ a) * (b @ b) + 1e-9))
+
+
+def test_nearby_views_look_more_alike_than_distant_ones():
+    c = build_city(seed=1, extent_m=600.0)
+    pos = street_walk(c, 5.0)
+    rng = np.random.default_rng(0)
+    near, far = [], []
+    for _ in range(12):
+        i = int(rng.integers(0, len(pos)))
+        x, y = pos[i]
+        horizontal = np.isclose(c.h_streets[:, 0], y).any()
+        dx, dy = (5.0, 0.0) if horizontal else (0.0, 5.0)
+        h = 90.0 if horizontal else 0.0
+        if not (8 < x + dx < 592 and 8 < y + dy < 592):
+            continue
+        far_i = np.flatnonzero(np.hypot(pos[:, 0] - x, pos[:, 1] - y) > 300)
+        j = int(far_i[rng.integers(0, far_i.size)])
+        a = render_view(c, x=x, y=y, heading_deg=h, pitch_deg=6.0)
+        b = render_view(c, x=x + dx, y=y + dy, heading_deg=h, pitch_deg=6.0)
+        z = render_view(c, x=pos[j, 0], y=pos[j, 1], heading_deg=h, pitch_deg=6.0)
+        near.append(_corr(a, b)); far.append(_corr(a, z))
+    assert len(near) >= 8
+    assert np.mean(near) > np.mean(far) + 0.1
+
+
+def test_strong_shift_changes_the_view_none_does_not():
+    c = build_city(seed=2, extent_m=300.0)
+    x, y = street_walk(c, 5.0)[40]
+    base = render_view(c, x=x, y=y, heading_deg=90.0, pitch_deg=6.0, seed=5)
+    assert np.array_equal(base, render_view(c, x=x, y=y, heading_deg=90.0, pitch_deg=6.0, look=Look(), seed=9))
+    rng = np.random.default_rng(0)
+    diffs = {}
+    for level in ("mild", "strong"):
+        d = []
+        for k in range(4):
+            look = _query_look(level, rng, salt=k + 1)[0]
+            img = render_view(c, x=x, y=y, heading_deg=90.0, pitch_deg=6.0, look=look, seed=k)
+            d.append(np.abs(img.astype(np.int16) - base).mean())
+        diffs[level] = float(np.mean(d))
+    assert diffs["strong"] > 15.0
+    assert diffs["strong"] > diffs["mild"] > 0.5
+
+
+def test_aerial_tile_any_area(tiny):
+    out, _ = tiny
+    c = load_city(out)
+    im = render_aerial_tile(c, east=c.sw_east + 75.0, north=c.sw_north + 75.0, size_m=60.0, pixels=128)
+    assert im.size == (128, 128) and im.mode == "RGB"
+    a = np.asarray(im)
+    assert a.std() > 10
+    # roofs and ground both present
+    assert len(np.unique(a.reshape(-1, 3) // 32, axis=0)) > 5
+
+
+def test_contact_sheet(tiny, tmp_path):
+    out, _ = tiny
+    paths = sorted((out / "database").glob("*.jpg"))[:10]
+    p = contact_sheet(paths, tmp_path / "sheet.png", cols=4)
+    with Image.open(p) as im:
+        assert im.format == "PNG" and im.size == (4 * 192, 3 * 192)
+
+
+@pytest.mark.parametrize(
+    "kw, word",
+    [({"shift": "bogus"}, "shift"), ({"extent_m": 10.0}, "extent_m"), ({"headings": 0}, "headings"),
+     ({"spacing_m": 0.0}, "spacing_m"), ({"seed": -1}, "seed"), ({"origin_latlon": (95.0, 0.0)}, "origin_latlon"),
+     ({"n_queries": -3}, "n_queries"), ({"workers": 0}, "workers")],
+)
+def test_invalid_arguments_raise_dataset_error(tmp_path, kw, word):
+    with pytest.raises(DatasetError, match=word):
+        generate_city(out=tmp_path / "c", **{**TINY, **kw})
+
+
+def test_refuses_foreign_non_empty_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine.txt").write_text("keep")
+    with pytest.raises(DatasetError, match="not empty"):
+        generate_city(out=tmp_path / "x", **TINY)
+    assert (tmp_path / "x" / "mine.txt").read_text() == "keep"
