@@ -124,6 +124,20 @@ class Backbone:
             flat[-1] = torch.nn.ModuleList([flat[-1], *tail])
         return flat
 
+    def refresh_fingerprint(self) -> None:
+        """Recompute :attr:`fingerprint` after the weights changed (fine-tuning)."""
+        self.fingerprint = state_dict_fingerprint(self.model.state_dict())
+        if not self.weights_source.startswith("tuned:"):
+            self.weights_source = f"tuned:{self.weights_source}"
+
+    def load_tuned(self, state: dict[str, torch.Tensor]) -> None:
+        """Load fine-tuned weights (a bundle's ``backbone.safetensors``) into the model."""
+        try:
+            self.model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+        except RuntimeError as err:
+            raise BackboneError(f"tuned weights do not fit {self.name}: {str(err).splitlines()[0]}") from None
+        self.refresh_fingerprint()
+
     def describe(self) -> dict[str, Any]:
         """What a bundle manifest records about the backbone (JSON-serialisable)."""
         return {

@@ -27,6 +27,7 @@ from geoloc.data import load_records
 from geoloc.errors import DatasetError
 from geoloc.extract import extract_features
 from geoloc.fileio import sha256_json
+from geoloc.finetune import finetune_backbone
 from geoloc.heads import classifier_state
 from geoloc.index import CellIndex
 from geoloc.train import TrainReport, train_classifier
@@ -96,8 +97,20 @@ def build_index(*, database: str | Path, out: str | Path, config: Config, progre
                                            inputs_key=sha256_json([backbone.fingerprint, records.paths]), log=log)
     lap("train")
 
+    features, backbone_state = ext.features, None
+    if config.train.finetune_blocks > 0:
+        finetune_backbone(backbone=backbone, classifier=model, table=table, paths=good.abspaths(), labels=labels,
+                          config=config, log=log)
+        lap("finetune")
+        log("extracting features again with the tuned backbone")
+        features = extract_features(good.abspaths(), backbone=backbone, batch_size=config.backbone.batch_size,
+                                    num_workers=config.backbone.num_workers, cache_dir=work / "features-tuned",
+                                    progress=progress, chunk_size=config.backbone.cache_chunk).features
+        backbone_state = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
+        lap("extract-tuned")
+
     with torch.inference_mode():
-        desc = model.embed(torch.from_numpy(ext.features)).numpy()
+        desc = model.embed(torch.from_numpy(features)).numpy()
         prototypes = model.prototypes(table)
     state = classifier_state(model, table)
     index = CellIndex.build(descriptors=desc, cells=filed, prototypes=prototypes.numpy(),
@@ -108,9 +121,9 @@ def build_index(*, database: str | Path, out: str | Path, config: Config, progre
              "timings_s": timings}
     write_bundle(out, config=config, backbone_info=backbone.describe(), table=table, records=good, filed=filed,
                  projection=state["projection"], prototypes=state["prototypes"], index=index, skipped=skipped,
-                 stats=stats)
+                 stats=stats, backbone_state=backbone_state)
     lap("write")
     return BuildReport(out=out, images_used=len(good), images_skipped=len(skipped), cells=len(table),
                        groups=table.n_groups, images_in_dropped_cells=int((labels < 0).sum()),
-                       descriptor_dim=int(desc.shape[1]), feature_dim=int(ext.features.shape[1]),
+                       descriptor_dim=int(desc.shape[1]), feature_dim=int(features.shape[1]),
                        reused_feature_chunks=ext.reused_chunks, timings_s=timings, train=train_report)

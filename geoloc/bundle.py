@@ -11,6 +11,7 @@ Layout (DESIGN.md §4)::
     paths.json           database image paths, relative to the dataset root
     index.faiss ...      the cell-partitioned FAISS index (geoloc.index.CellIndex.save)
     skipped.json         images left out of the build, with the reason for each
+    backbone.safetensors only when the backbone was fine-tuned (train.finetune_blocks > 0)
 
 Writing goes to a hidden temporary folder beside the target that is renamed into place at
 the end, so a crash never leaves half a bundle under the real name. Loading verifies the
@@ -61,6 +62,8 @@ class Bundle:
     prototypes: np.ndarray
     """``[C, D]`` float32 raw (un-normalised) class weights in cell-id order."""
     index: CellIndex
+    backbone_state: dict[str, np.ndarray] | None = None
+    """Fine-tuned backbone weights, when the build tuned them."""
 
 
 def library_versions() -> dict[str, str]:
@@ -85,6 +88,7 @@ def write_bundle(
     index: CellIndex,
     skipped: list[tuple[str, str]],
     stats: dict[str, Any],
+    backbone_state: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a bundle to ``out`` atomically; returns ``out``.
 
@@ -94,6 +98,7 @@ def write_bundle(
         projection: ``[D, F]``; prototypes: ``[C, D]``.
         skipped: (path, reason) of every image left out.
         stats: counts and timings for the manifest.
+        backbone_state: fine-tuned backbone weights (None: the backbone is rebuilt from its name).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +119,8 @@ def write_bundle(
                                           encoding="utf-8")
         config.save_yaml(tmp / "config.yaml")
         index.save(tmp)
+        if backbone_state is not None:
+            save_file({k: np.ascontiguousarray(v) for k, v in backbone_state.items()}, tmp / "backbone.safetensors")
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         for name in files:
             with open(tmp / name, "rb+") as fh:
@@ -227,12 +234,13 @@ def read_bundle(path: Path, *, config: Config | None = None) -> Bundle:
             _check_relative(p, path / "paths.json")
         records = Records(paths, *(rec[k] for k in _RECORD_FIELDS), root=root, source=str(path))
         index = CellIndex.load(path, config=cfg.index)
+        tuned = _load_tensors(path, "backbone.safetensors") if "backbone.safetensors" in manifest["files"] else None
     except GeolocError:
         raise
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         raise BundleError(f"{path}: bundle content is inconsistent ({type(err).__name__}: {err}); rebuild it") from None
     bundle = Bundle(path, manifest, cfg, table, records, rec["filed"].astype(np.int64), model["projection"],
-                    model["prototypes"], index)
+                    model["prototypes"], index, tuned)
     _check_consistency(bundle)
     return bundle
 

@@ -68,6 +68,7 @@ class TrainConfig:
     finetune_blocks: int = 0
     """K > 0 also trains the last K backbone blocks on images (slow; needs the images)."""
     finetune_epochs: int = 1
+    lr_backbone: float = 1e-5
 
 
 @dataclass

@@ -108,7 +108,9 @@ def run(*, workdir: Path, index: Path, config: Path, city_params: dict, log=prin
     results["machine"] = _machine()
     results_file = workdir / "results.json"
     results_file.write_text(json.dumps(results, indent=2))
-    log(f"\n{rep.queries} queries, LR@N within {rep.threshold_m:g} m, hybrid searches the top {rep.top_cells} cells\n")
+    ring = " and their 8 neighbours" if loc.config.query.neighbours else ""
+    log(f"\n{rep.queries} queries, LR@N within {rep.threshold_m:g} m, hybrid searches the top {rep.top_cells} cells{ring} "
+        f"({rep.modes['hybrid'].vectors_scanned:.0f} of {len(loc.bundle.records)} database images per query)\n")
     log(rep.table())
 
     log("\n[4/5] one query")

@@ -98,6 +98,8 @@ class Localizer:
         bundle = read_bundle(Path(path), config=config)
         if backbone is None:
             backbone = create_backbone(bundle.config.backbone, device=device)
+            if bundle.backbone_state is not None:
+                backbone.load_tuned(bundle.backbone_state)
         return cls(bundle, backbone)
 
     # -- descriptors ----------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ __all__ = ["Extraction", "extract_features", "embed_images", "load_for_backbone"
 CACHE_FORMAT = 1
 DEFAULT_CHUNK_SIZE = 1024
 MAX_SIDE_FACTOR = 4
-"""Images are decoded with ``max_side = 4 * input_size`` (when the loader supports it): enough
+"""Images are decoded with ``max_side = 4 * input_size``: enough
 for timm's resize of the short side to ``input_size / crop_pct`` for aspect ratios up to ~3:1."""
 
 
@@ -67,35 +67,22 @@ class Extraction:
 
 
 # -- loading ----------------------------------------------------------------------------------------
-def _loader_takes_max_side() -> bool:
-    try:
-        return "max_side" in inspect.signature(_images.load_image).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _max_side(input_size: int) -> int | None:
-    return MAX_SIDE_FACTOR * int(input_size) if _loader_takes_max_side() else None
+def _max_side(input_size: int) -> int:
+    return MAX_SIDE_FACTOR * int(input_size)
 
 
 def load_for_backbone(path: str | Path, *, backbone: Backbone) -> Image.Image:
-    """Decode ``path`` exactly as extraction does (RGB, EXIF-rotated, ``max_side`` when supported).
+    """Decode ``path`` exactly as extraction does (RGB, EXIF-rotated, at most ``4 * input_size`` px).
 
     Use it for query images so they are preprocessed like the database. Raises ImageError.
     """
-    return _load(path, _max_side(backbone.input_size))
-
-
-def _load(path: str | Path, max_side: int | None) -> Image.Image:
-    if max_side is None:
-        return _images.load_image(path)
-    return _images.load_image(path, max_side=max_side)  # type: ignore[call-arg]
+    return _images.load_image(path, max_side=_max_side(backbone.input_size))
 
 
 class _ImageDataset(Dataset):
     """Item i -> ``(i, x [3,S,S] float32 | None, reason)``; failures are flagged, never zero-filled."""
 
-    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], max_side: int | None) -> None:
+    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], max_side: int) -> None:
         self.paths = paths
         self.transform = transform
         self.max_side = max_side
@@ -106,7 +93,7 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         path = self.paths[i]
         try:
-            img = _load(path, self.max_side)
+            img = _images.load_image(path, max_side=self.max_side)
             x = self.transform(img)
         except ImageError as err:
             return i, None, err.problem
@@ -128,6 +115,24 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.T
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+
+
+def image_batches(paths: Sequence[str | Path], *, backbone: Backbone, batches: Sequence[Sequence[int]],
+                  num_workers: int = 2) -> DataLoader:
+    """A DataLoader decoding ``paths`` for ``backbone`` in the given batches of indices.
+
+    Yields ``(idx [b] int64, x [b,3,S,S] | None, [(index, reason), ...])``: undecodable images
+    are reported by index and reason, never zero-filled.
+    """
+    return DataLoader(
+        _ImageDataset([str(p) for p in paths], backbone.transform_fn, _max_side(backbone.input_size)),
+        batch_sampler=[list(b) for b in batches],
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=backbone.device.startswith("cuda"),
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
 
 
 # -- inference --------------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ def embed_images(images: Sequence[Image.Image] | torch.Tensor, *, backbone: Back
 
 
 # -- cache ------------------------------------------------------------------------------------------
-def _cache_key(paths: Sequence[str], backbone: Backbone, chunk_size: int, max_side: int | None) -> str:
+def _cache_key(paths: Sequence[str], backbone: Backbone, chunk_size: int, max_side: int) -> str:
     h = hashlib.sha256()
     head = {
         "format": CACHE_FORMAT,
@@ -297,7 +302,8 @@ def extract_features(
     cdir = Path(cache_dir) if cache_dir is not None else None
     reused = 0
     if cdir is not None and n:
-        key = _cache_key(spaths, backbone, chunk_size, max_side)
+        # absolute paths: the same images named relatively or absolutely share one cache
+        key = _cache_key([os.path.abspath(p) for p in spaths], backbone, chunk_size, max_side)
         _open_cache(cdir, key, n, chunk_size, fdim)
         for c in range(n_chunks):
             got = _load_chunk(cdir, c, key, chunk_len[c], fdim)
@@ -307,17 +313,8 @@ def extract_features(
 
     todo = [c for c in range(n_chunks) if feats_c[c] is None]
     batch_list = [b for c in todo for b in _batches(c * chunk_size, c * chunk_size + chunk_len[c], batch_size)]
-    on_gpu = backbone.device.startswith("cuda")
     if batch_list:
-        loader = DataLoader(
-            _ImageDataset(spaths, backbone.transform_fn, max_side),
-            batch_sampler=batch_list,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=on_gpu,
-            worker_init_fn=_worker_init if num_workers > 0 else None,
-            prefetch_factor=4 if num_workers > 0 else None,
-        )
+        loader = image_batches(spaths, backbone=backbone, batches=batch_list, num_workers=num_workers)
         # Per chunk in progress: rows by local index, errors, count of images seen.
         rows: dict[int, dict[int, np.ndarray]] = {c: {} for c in todo}
         bad: dict[int, list[tuple[int, str]]] = {c: [] for c in todo}

@@ -185,3 +185,21 @@ def test_database_over_two_zones_and_the_equator(tmp_path):
     preds = loc.localize(sorted((root / "database").iterdir()), mode="retrieve")
     assert all(Path(p.match).parent.name == "database" for p in preds)
 
+
+
+def test_finetuning_last_blocks_ships_the_tuned_backbone(tmp_path):
+    from geoloc.bundle import read_manifest
+
+    write_dataset(tmp_path / "ds", n_db=60, n_q=0, seed=9)
+    cfg = load_config(TINY_CONFIG, ["train.finetune_blocks=1", "train.finetune_epochs=1", "train.lr_backbone=1e-3"])
+    rep = build_index(database=tmp_path / "ds", out=tmp_path / "idx", config=cfg, progress=False)
+    assert "finetune" in rep.timings_s and (rep.out / "backbone.safetensors").exists()
+    stock = create_backbone(cfg.backbone)
+    manifest = read_manifest(rep.out)
+    assert manifest["backbone"]["fingerprint"] != stock.fingerprint
+    assert manifest["backbone"]["weights_source"].startswith("tuned:")
+    with pytest.raises(BundleError, match="fingerprint"):
+        Localizer.load(rep.out, backbone=stock)  # the untuned network is refused
+    loc = Localizer.load(rep.out)  # rebuilt from its name + the bundle's tuned weights
+    db = sorted((tmp_path / "ds" / "database").iterdir())[:10]
+    assert [Path(p.match).name for p in loc.localize(db, mode="retrieve")] == [p.name for p in db]

@@ -229,3 +229,14 @@ def test_sigkill_leaves_a_usable_cache(tmp_path, tiny):
     resumed = extract_features(paths, backbone=tiny, cache_dir=cache, **kw)
     assert resumed.reused_chunks == done and resumed.extracted_chunks == 20 - done
     _same(resumed, extract_features(paths, backbone=tiny, **kw))
+
+
+def test_relative_and_absolute_paths_share_the_cache(tmp_path, tiny, monkeypatch):
+    paths = _make_images(tmp_path / "im", 10)
+    kw = dict(batch_size=4, num_workers=0, progress=False, chunk_size=4)
+    cache = tmp_path / "cache"
+    first = extract_features([p.resolve() for p in paths], backbone=tiny, cache_dir=cache, **kw)
+    monkeypatch.chdir(tmp_path)
+    again = extract_features([Path(p).resolve().relative_to(tmp_path) for p in paths], backbone=tiny, cache_dir=cache, **kw)
+    assert (again.reused_chunks, again.extracted_chunks) == (3, 0)
+    _same(again, first)
