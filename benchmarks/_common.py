@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geoloc.cells import neighbour_table
+
 # --- synthetic data defaults (used when no --bundle calibrates them) -----------------------
 # Mean cosine between two database descriptors of the same 20 m cell, and of two random
 # different cells. Assumed values for pooled, L2-normalised DINOv2/EfficientNet street-view
@@ -167,16 +169,7 @@ def make_cell_data(n: int, dim: int, *, nq: int, intra: float = DEFAULT_INTRA_CO
     protos = normalise(protos)
     src = rng.integers(0, n, size=nq)
     xq = compose(cells[src], heads[src], w["s2"] * query_noise)
-    nb = np.full((c, 8), -1, dtype=np.int64)
-    j = 0
-    for dp in (-1, 0, 1):
-        for dq in (-1, 0, 1):
-            if (dp, dq) == (0, 0):
-                continue
-            pp, qq = p + dp, q + dq
-            ok = (pp >= 0) & (qq >= 0) & (qq < side) & (pp * side + qq < c)
-            nb[:, j] = np.where(ok, pp * side + qq, -1)
-            j += 1
+    nb = neighbour_table(np.full(c, 33), np.zeros(c, bool), p, q)  # cell id = p * side + q: key order
     return CellData(xb, cells, protos, nb, xq, dict(w, mean_cell=float(n / c), n_cells=c, query_noise=query_noise))
 
 

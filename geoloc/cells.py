@@ -71,13 +71,7 @@ class CellTable:
 
     def neighbours(self) -> np.ndarray:
         """``[C, 8]`` int64 ids of the 8 surrounding cells (same zone), -1 where not kept."""
-        out = np.empty((len(self), 8), dtype=np.int64)
-        for j, (dp, dq) in enumerate(_NEIGHBOUR_OFFSETS):
-            p, q = self.p + dp, self.q + dq
-            ok = (p >= 0) & (q >= 0)
-            keys = cell_key(self.zone, self.south, np.maximum(p, 0), np.maximum(q, 0))
-            out[:, j] = np.where(ok, self.lookup(keys), -1)
-        return out
+        return neighbour_table(self.zone, self.south, self.p, self.q)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         names = ("key", "zone", "south", "p", "q", "east", "north", "lat", "lon", "group", "column", "n_images")
@@ -86,6 +80,25 @@ class CellTable:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], *, size_m: float, groups: int, min_images: int) -> "CellTable":
         return cls(**{k: np.asarray(v) for k, v in arrays.items()}, size_m=size_m, groups=groups, min_images=min_images)
+
+
+def neighbour_table(zone: np.ndarray, south: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Ids of the 8 cells around each of C cells; ``[C, 8]`` int64, -1 where a neighbour is absent.
+
+    The cells (``[C]`` arrays) must be in ascending :func:`geoloc.geo.cell_key` order, as in a
+    :class:`CellTable`; cell ``c``'s id is its row. Neighbours stay in the same zone.
+    """
+    key = cell_key(zone, south, p, q)
+    if np.any(np.diff(key) <= 0):
+        raise ValueError("cells must be unique and sorted by cell key")
+    out = np.empty((len(key), 8), dtype=np.int64)
+    for j, (dp, dq) in enumerate(_NEIGHBOUR_OFFSETS):
+        pp, qq = np.asarray(p) + dp, np.asarray(q) + dq
+        ok = (pp >= 0) & (qq >= 0)
+        want = cell_key(zone, south, np.maximum(pp, 0), np.maximum(qq, 0))
+        pos = np.minimum(np.searchsorted(key, want), max(len(key) - 1, 0))
+        out[:, j] = np.where(ok & (len(key) > 0) & (key[pos] == want), pos, -1)
+    return out
 
 
 def record_cell_keys(records: Records, size_m: float) -> np.ndarray:

@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
+from geoloc.cells import neighbour_table
 from geoloc.config import IndexConfig
 from geoloc.errors import BundleError
 from geoloc.index import INDEX_FILE, CellIndex
@@ -36,17 +37,7 @@ class Synthetic:
         self.query_cells = qc
         self.xq = _normalise(centres[qc] + noise * rng.normal(size=(nq, dim)) / np.sqrt(dim) * 3)
         p, q = np.arange(n_cells) // side, np.arange(n_cells) % side
-        nb = np.full((n_cells, 8), -1, dtype=np.int64)
-        j = 0
-        for dp in (-1, 0, 1):
-            for dq in (-1, 0, 1):
-                if (dp, dq) == (0, 0):
-                    continue
-                pp, qq = p + dp, q + dq
-                ok = (pp >= 0) & (qq >= 0) & (qq < side) & (pp * side + qq < n_cells)
-                nb[:, j] = np.where(ok, pp * side + qq, -1)
-                j += 1
-        self.neighbours = nb
+        self.neighbours = neighbour_table(np.full(n_cells, 33), np.zeros(n_cells, bool), p, q)
 
     def build(self, **cfg) -> CellIndex:
         return CellIndex.build(descriptors=self.xb, cells=self.cells, prototypes=self.prototypes,
