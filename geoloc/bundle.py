@@ -195,9 +195,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for name in files:
         if PurePosixPath(name).name != name or name in (".", "..", MANIFEST):
             raise BundleError(f"{mf}: file entry {name!r} is not a plain file name inside the bundle")
-    for key in ("backbone", "descriptor_dim", "cells", "config"):
-        if key not in manifest:
-            raise BundleError(f"{mf}: key {key!r} missing")
+    shapes = {"backbone": dict, "descriptor_dim": int, "feature_dim": int, "cells": dict, "config": dict, "database": dict}
+    for key, kind in shapes.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise BundleError(f"{mf}: {key!r} missing or not a {kind.__name__}")
+    cells = manifest["cells"]
+    if not (isinstance(cells.get("size_m"), (int, float)) and all(
+            isinstance(cells.get(k), int) and not isinstance(cells.get(k), bool) for k in ("groups", "min_images_per_cell"))):
+        raise BundleError(f"{mf}: cell scheme (size_m, groups, min_images_per_cell) missing or malformed")
+    if not all(isinstance(manifest["backbone"].get(k), t) for k, t in
+               (("name", str), ("fingerprint", str), ("input_size", int), ("feature_dim", int))):
+        raise BundleError(f"{mf}: backbone description (name, fingerprint, input_size, feature_dim) missing or malformed")
     return manifest
 
 

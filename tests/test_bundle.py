@@ -114,3 +114,47 @@ def test_build_refuses_to_overwrite_a_foreign_folder(tmp_path, pristine):
     with pytest.raises(BundleError, match="not a geoloc bundle"):
         build_index(database=root, out=target, config=load_config(TINY_CONFIG), progress=False)
     assert (target / "thesis.tex").read_text() == "do not lose me"
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from geoloc.bundle import read_manifest  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["format", "format_version", "files", "backbone", "descriptor_dim", "cells", "config",
+                            "manifest_sha256", "extra"]),
+       value=_json, drop=st.booleans(), reseal=st.booleans())
+def test_manifest_reader_refuses_any_mangled_manifest_cleanly(pristine, tmp_path_factory, key, value, drop, reseal):
+    """Any change to any manifest key either loads a working bundle or raises one BundleError line."""
+    folder = tmp_path_factory.mktemp("m") / "idx"
+    shutil.copytree(pristine, folder)
+    m = json.loads((pristine / "manifest.json").read_text())
+    if drop:
+        m.pop(key, None)
+    else:
+        m[key] = value
+    if reseal:  # recompute the self-checksum, so the structural checks are reached too
+        m["manifest_sha256"] = sha256_json({k: v for k, v in m.items() if k != "manifest_sha256"})
+    (folder / "manifest.json").write_text(json.dumps(m))
+    try:
+        loc = Localizer.load(folder)
+    except BundleError as err:
+        assert "\n" not in str(err) and str(folder) in str(err)
+    else:  # only harmless changes (an extra key, a new creation date, ...) load
+        assert read_manifest(folder) == m
+        assert len(loc.localize_descriptors(loc.bundle.index.vectors()[0][:2], mode="hybrid")) == 2
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400))
+def test_manifest_reader_refuses_arbitrary_bytes(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("b")
+    (folder / "manifest.json").write_bytes(data)
+    with pytest.raises(BundleError):
+        read_manifest(folder)

@@ -88,3 +88,21 @@ def test_user_errors_are_one_line_with_exit_code_2(bundle, args, needle):
     assert res.exit_code == 2, res.output
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
+
+
+def test_build_leaves_bad_images_out_and_reports_them(tmp_path):
+    ds = write_dataset(tmp_path / "ds", n_db=40, n_q=0, seed=11)
+    good = sorted(p.name for p in (ds / "database").iterdir())
+    names = {"zero": b"", "truncated": (ds / "database" / good[0]).read_bytes()[:300], "noise": bytes(range(256)) * 8,
+             "text": b"this is not an image\n"}
+    for i, (kind, data) in enumerate(names.items()):
+        (ds / "database" / f"@{386300 + i:.2f}@6174300.00@33@U@@@{kind}@@@@@@@@.jpg").write_bytes(data)
+    res = runner.invoke(app, ["build-index", "--database", str(ds), "--out", str(tmp_path / "idx"),
+                              "--config", str(TINY_CONFIG), "--set", "cells.min_images_per_cell=1", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "skipped 4 unreadable images" in res.stderr
+    skipped = json.loads((tmp_path / "idx" / "skipped.json").read_text())
+    assert sorted(s["path"].split("@")[7] for s in skipped) == sorted(names)
+    assert all(s["reason"] for s in skipped)
+    paths = json.loads((tmp_path / "idx" / "paths.json").read_text())["paths"]
+    assert sorted(p.split("/")[-1] for p in paths) == good  # exactly the good images
