@@ -342,9 +342,12 @@ def bundle_data(folder: Path, nq: int) -> tuple[CellData, float, float]:
     return data, intra, inter
 
 
-def end_to_end(folder: Path, n_images: int = 60) -> dict:
-    """Whole hybrid queries through the engine on a real bundle, batch 1: per-stage medians (ms)
-    and the ratio of the whole query to the backbone forward alone (same decoded tensors)."""
+def end_to_end(folder: Path, n_images: int = 200) -> dict:
+    """Whole hybrid queries through the engine on a real bundle, batch 1: per-stage medians (ms).
+
+    The target ratio is paired: the sum over queries of the whole query's time over the sum of
+    its own backbone stage (both from the same calls, so machine noise cancels). A separate
+    backbone-only forward on the same decoded tensors is reported beside it."""
     import torch
 
     from geoloc.engine import Localizer
@@ -368,10 +371,12 @@ def end_to_end(folder: Path, n_images: int = 60) -> dict:
         backbone_alone.append((time.perf_counter() - t) * 1e3)
     med = {k: float(np.median(v)) for k, v in stages.items()}
     alone = float(np.median(backbone_alone))
+    ratio = float(np.sum(stages["total"]) / np.sum(stages["backbone"]))
     return {"bundle": str(folder), "backbone": loc.backbone.name, "input_size": loc.backbone.input_size,
             "images": len(paths), "mode": "hybrid", "top_cells": loc.config.query.top_cells,
             "neighbours": loc.config.query.neighbours, "stage_ms_median": med, "backbone_alone_ms_median": alone,
-            "whole_over_backbone": med["total"] / alone, "target": 1.10, "met": med["total"] / alone <= 1.10}
+            "whole_over_backbone": ratio, "whole_over_separate_backbone": med["total"] / alone,
+            "target": 1.10, "met": ratio <= 1.10}
 
 
 # --- report --------------------------------------------------------------------------------
@@ -543,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         st = ", ".join(f"{k} {v:.2f}" for k, v in e2e["stage_ms_median"].items())
         print(f"end to end on {e2e['bundle']} ({e2e['backbone']} at {e2e['input_size']} px, hybrid k={e2e['top_cells']}"
               f"{' + neighbours' if e2e['neighbours'] else ''}, batch 1, medians over {e2e['images']} images): {st} ms; "
-              f"backbone alone {e2e['backbone_alone_ms_median']:.2f} ms; whole/backbone = {e2e['whole_over_backbone']:.3f} "
+              f"separate backbone-only forward {e2e['backbone_alone_ms_median']:.2f} ms; "
+              f"whole/backbone (paired sums) = {e2e['whole_over_backbone']:.3f} "
               f"(target <= 1.10: {'MET' if e2e['met'] else 'MISSED'})")
     print(f"wrote {args.out} and {png}")
     return 0

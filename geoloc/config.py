@@ -74,8 +74,8 @@ class TrainConfig:
 @dataclass
 class IndexConfig:
     quantizer: str = "auto"
-    """How cells are scored at query time: 'flat' (exact scan), 'hnsw' (graph), 'lsh' (binary-code
-    shortlist re-ranked exactly), 'auto' (hnsw from approx_min_cells cells on, flat below)."""
+    """How cells are scored at query time: 'flat' (exact scan), 'lsh' (binary-code shortlist re-ranked
+    exactly), 'hnsw' (graph), 'auto' (lsh from approx_min_cells cells on, flat below)."""
     approx_min_cells: int = 10_000
     lsh_bits: int = 0
     """Bits per prototype code; 0 = max(256, descriptor dimension)."""

@@ -5,12 +5,12 @@ Layout (DESIGN.md §2, "Restricted retrieval"):
 * **Coarse quantizer = cell prototypes.** The quantizer holds the ``C`` L2-normalised cell
   prototypes (row ``c`` = cell ``c`` = inverted list ``c``), so scoring the cells of a query
   (``classify``) is one quantizer search: exact ``IndexFlatIP`` by default; for many cells
-  (``config.quantizer == "auto"`` and ``C >= config.approx_min_cells``, or ``"hnsw"``) an
-  ``IndexHNSWFlat`` graph over the prototypes (inner product, exact scores of the cells it
-  visits). ``"lsh"`` is the alternative: binary codes of the prototypes (``IndexLSH``,
-  random rotation + sign bits) shortlist ``lsh_k_factor * k`` cells by Hamming distance and
-  ``IndexRefineFlat`` re-ranks the shortlist by exact cosine. On prototypes calibrated on a
-  real bundle HNSW keeps the higher cell recall at equal time (benchmarks/latency.py).
+  (``config.quantizer == "auto"`` and ``C >= config.approx_min_cells``, or ``"lsh"``) binary
+  codes of the prototypes (``IndexLSH``, random rotation + sign bits) shortlist
+  ``lsh_k_factor * k`` cells by Hamming distance and ``IndexRefineFlat`` re-ranks the
+  shortlist by exact cosine, so returned scores are exact. ``"hnsw"`` (``IndexHNSWFlat``,
+  inner product) is the alternative; on prototypes calibrated on a real bundle it needs more
+  time than LSH for the same cell recall (benchmarks/latency.py, README).
 * **Inverted lists = cells.** Every database row is filed under its own cell with
   ``add_preassigned``; the stored id of a vector is its database row id.
 * **Hybrid** scores the cells, keeps the top ``top_cells`` (optionally with each top cell's
@@ -140,7 +140,7 @@ def _wanted_kind(config: IndexConfig, c: int) -> str:
     if kind not in _QUANTIZERS:
         raise ValueError(f"index.quantizer must be one of {', '.join(_QUANTIZERS)}; got {kind!r}")
     if kind == "auto":
-        return "hnsw" if c >= config.approx_min_cells else "flat"
+        return "lsh" if c >= config.approx_min_cells else "flat"
     return kind
 
 
