@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,9 +40,10 @@ __all__ = ["Extraction", "extract_features", "embed_images", "load_for_backbone"
 
 CACHE_FORMAT = 1
 DEFAULT_CHUNK_SIZE = 1024
-MAX_SIDE_FACTOR = 4
-"""Images are decoded with ``max_side = 4 * input_size``: enough
-for timm's resize of the short side to ``input_size / crop_pct`` for aspect ratios up to ~3:1."""
+def _short_side(backbone: Backbone) -> int:
+    """The short side timm's eval transform resizes to (``input_size / crop_pct``): JPEGs are
+    decoded at the largest libjpeg reduction that keeps at least that many pixels."""
+    return int(math.ceil(backbone.input_size / backbone.crop_pct))
 
 
 @dataclass
@@ -67,25 +69,21 @@ class Extraction:
 
 
 # -- loading ----------------------------------------------------------------------------------------
-def _max_side(input_size: int) -> int:
-    return MAX_SIDE_FACTOR * int(input_size)
-
-
 def load_for_backbone(path: str | Path, *, backbone: Backbone) -> Image.Image:
-    """Decode ``path`` exactly as extraction does (RGB, EXIF-rotated, at most ``4 * input_size`` px).
+    """Decode ``path`` exactly as extraction does (RGB, EXIF-rotated, JPEGs at reduced scale).
 
     Use it for query images so they are preprocessed like the database. Raises ImageError.
     """
-    return _images.load_image(path, max_side=_max_side(backbone.input_size))
+    return _images.load_image(path, short_side=_short_side(backbone))
 
 
 class _ImageDataset(Dataset):
     """Item i -> ``(i, x [3,S,S] float32 | None, reason)``; failures are flagged, never zero-filled."""
 
-    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], max_side: int) -> None:
+    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], short_side: int) -> None:
         self.paths = paths
         self.transform = transform
-        self.max_side = max_side
+        self.short_side = short_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -93,7 +91,7 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         path = self.paths[i]
         try:
-            img = _images.load_image(path, max_side=self.max_side)
+            img = _images.load_image(path, short_side=self.short_side)
             x = self.transform(img)
         except ImageError as err:
             return i, None, err.problem
@@ -125,7 +123,7 @@ def image_batches(paths: Sequence[str | Path], *, backbone: Backbone, batches: S
     are reported by index and reason, never zero-filled.
     """
     return DataLoader(
-        _ImageDataset([str(p) for p in paths], backbone.transform_fn, _max_side(backbone.input_size)),
+        _ImageDataset([str(p) for p in paths], backbone.transform_fn, _short_side(backbone)),
         batch_sampler=[list(b) for b in batches],
         num_workers=num_workers,
         collate_fn=_collate,
@@ -174,13 +172,13 @@ def embed_images(images: Sequence[Image.Image] | torch.Tensor, *, backbone: Back
 
 
 # -- cache ------------------------------------------------------------------------------------------
-def _cache_key(paths: Sequence[str], backbone: Backbone, chunk_size: int, max_side: int) -> str:
+def _cache_key(paths: Sequence[str], backbone: Backbone, chunk_size: int, short_side: int) -> str:
     h = hashlib.sha256()
     head = {
         "format": CACHE_FORMAT,
         "backbone": backbone.describe(),
         "chunk_size": chunk_size,
-        "max_side": max_side,
+        "short_side": short_side,
         "n": len(paths),
     }
     head["backbone"].pop("weights_source", None)  # where the weights came from does not matter, their hash does
@@ -292,7 +290,7 @@ def extract_features(
     spaths = [str(p) for p in paths]
     n, fdim = len(spaths), backbone.feature_dim
     n_chunks = (n + chunk_size - 1) // chunk_size
-    max_side = _max_side(backbone.input_size)
+    short_side = _short_side(backbone)
     chunk_len = [min(chunk_size, n - c * chunk_size) for c in range(n_chunks)]
 
     feats_c: list[np.ndarray | None] = [None] * n_chunks
@@ -303,7 +301,7 @@ def extract_features(
     reused = 0
     if cdir is not None and n:
         # absolute paths: the same images named relatively or absolutely share one cache
-        key = _cache_key([os.path.abspath(p) for p in spaths], backbone, chunk_size, max_side)
+        key = _cache_key([os.path.abspath(p) for p in spaths], backbone, chunk_size, short_side)
         _open_cache(cdir, key, n, chunk_size, fdim)
         for c in range(n_chunks):
             got = _load_chunk(cdir, c, key, chunk_len[c], fdim)

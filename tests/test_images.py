@@ -297,3 +297,16 @@ def test_real_berlin_photo_draft(shared_data):
     assert full.size == (3264, 2448) and full.mode == "RGB"
     small = load_image(p, max_side=512)
     assert small.size == (512, 384)
+
+
+def test_short_side_decodes_jpeg_at_reduced_scale_keeping_enough_pixels(tmp_path):
+    from PIL import Image as _Image
+
+    p = tmp_path / "big.jpg"
+    _Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)).save(p, quality=90)
+    # 1/4 scale keeps a 375-px short side (>= 256); 1/8 would give 187 px, too few
+    assert load_image(p, short_side=256).size == (500, 375)
+    assert load_image(p, short_side=1500).size == (2000, 1500)  # no reduction possible: full size
+    png = tmp_path / "big.png"
+    _Image.open(p).save(png)
+    assert load_image(png, short_side=256).size == (2000, 1500)  # only JPEG has reduced-scale decoding
