@@ -32,6 +32,7 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/latency.py --out runs/bench/latency.json
+	$(BIN)/python benchmarks/cell_scoring.py --bundle indexes/demo --out runs/bench/cell_scoring.json
 	$(BIN)/python benchmarks/accuracy.py --out runs/bench/accuracy.json
 
 clean:
