@@ -50,8 +50,6 @@ class HeadConfig:
     """AAMC scale s."""
     margin: float = 0.2
     """AAMC additive angular margin m, radians."""
-    normalized_inference: bool = True
-    """Score cells by cosine to L2-normalised prototypes (True) or by raw weights (D&C reference)."""
 
 
 @dataclass

@@ -6,6 +6,11 @@ prototypes are stacked into one ``[C, D]`` matrix in cell-id order and the query
 is scored against all of them by cosine, so scores from different groups are on one scale
 (DESIGN.md §2). The same descriptor is what the database index stores, so the prototypes
 double as the IVF coarse quantizer (hybrid mode is one restricted IVF search).
+
+Decision: inference always uses cosine to normalised prototypes. The Divide&Classify
+reference multiplies by the raw weights at test time; since each group's head is trained on
+its own, the weight norms differ between groups and raw scores would favour whichever group
+happens to have the larger norms. No option keeps the raw variant.
 """
 
 from __future__ import annotations

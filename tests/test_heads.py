@@ -120,3 +120,19 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     assert rep.resumed_from_epoch == 2
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_cell_scores_do_not_depend_on_a_groups_weight_scale():
+    """Groups are trained apart, so their weight norms differ; cosine scoring must ignore that."""
+    rec, table, labels, feats = _toy(noise=0.6)
+    model = build_classifier(in_dim=64, table=table, dim=0, scale=100, margin=0.2)
+    rows = np.flatnonzero(labels >= 0)
+    model.init_from_data(torch.from_numpy(feats[rows]), torch.from_numpy(labels[rows]), table)
+    emb = model.embed(torch.from_numpy(feats))
+    before = (emb @ model.prototypes(table).T).argmax(1)
+    with torch.no_grad():
+        model.heads[0].weight.mul_(25.0)  # one group's norms grow, as training can make them
+    after = (emb @ model.prototypes(table).T).argmax(1)
+    raw = (emb @ model.prototypes(table, normalized=False).T).argmax(1)
+    assert torch.equal(before, after)
+    assert (table.group[raw.numpy()] == 0).mean() > (table.group[before.numpy()] == 0).mean()  # raw scores drift
