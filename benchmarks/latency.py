@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--queries", type=int, default=1024, help="query set size (timing and recall)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/latency.json"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/latency.json"))
     ap.add_argument("--bundle", type=Path, default=None, help="real bundle folder (index.faiss at its root): calibrate and benchmark it")
     ap.add_argument("--quick", action="store_true", help="sizes 10^4 and 10^5 only (smoke run, < 1 min)")
     ap.add_argument("--with-backbone", default=None, metavar="NAME", help="add end-to-end ms (decode + backbone) via geoloc.backbones")
