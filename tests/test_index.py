@@ -214,13 +214,14 @@ def test_concurrent_searches_equal_serial(data: Synthetic):
         par = list(pool.map(lambda j: idx.search(data.xq, mode="hybrid", top_cells=j[0], k=10, neighbours=j[1]), jobs))
     for s, p in zip(serial, par):
         assert np.array_equal(s.ids, p.ids) and np.array_equal(s.scores, p.scores)
-    # and the HNSW scorer with per-call efSearch
-    h = data.build(quantizer="hnsw")
-    serial = [h.search(data.xq, mode="hybrid", top_cells=tc, k=10) for tc, _ in jobs]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        par = list(pool.map(lambda j: h.search(data.xq, mode="hybrid", top_cells=j[0], k=10), jobs))
-    for s, p in zip(serial, par):
-        assert np.array_equal(s.ids, p.ids)
+    # and the HNSW (per-call efSearch) and LSH scorers
+    for kind in ("hnsw", "lsh"):
+        h = data.build(quantizer=kind)
+        serial = [h.search(data.xq, mode="hybrid", top_cells=tc, k=10) for tc, _ in jobs]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            par = list(pool.map(lambda j: h.search(data.xq, mode="hybrid", top_cells=j[0], k=10), jobs))
+        for s, p in zip(serial, par):
+            assert np.array_equal(s.ids, p.ids) and np.array_equal(s.cell_ids, p.cell_ids)
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "empty"])
