@@ -76,9 +76,13 @@ def build_index(*, database: str | Path, out: str | Path, config: Config, progre
     work = work_dir(out)
     lap("backbone")
     log(f"extracting {backbone.name} features of {len(records)} images (cache: {work / 'features'})")
-    ext = extract_features(records.abspaths(), backbone=backbone, batch_size=config.backbone.batch_size,
-                           num_workers=config.backbone.num_workers, cache_dir=work / "features", progress=progress,
-                           chunk_size=config.backbone.cache_chunk)
+    bc = config.backbone
+
+    def extract(paths: list[Path], cache: str):
+        return extract_features(paths, backbone=backbone, batch_size=bc.batch_size, num_workers=bc.num_workers,
+                                cache_dir=work / cache, progress=progress, chunk_size=bc.cache_chunk)
+
+    ext = extract(records.abspaths(), "features")
     lap("extract")
     if not ext.ok.any():
         raise DatasetError(f"{database}: none of the {len(records)} images could be decoded (first: {ext.errors[0][1]})")
@@ -103,9 +107,7 @@ def build_index(*, database: str | Path, out: str | Path, config: Config, progre
                           config=config, log=log)
         lap("finetune")
         log("extracting features again with the tuned backbone")
-        features = extract_features(good.abspaths(), backbone=backbone, batch_size=config.backbone.batch_size,
-                                    num_workers=config.backbone.num_workers, cache_dir=work / "features-tuned",
-                                    progress=progress, chunk_size=config.backbone.cache_chunk).features
+        features = extract(good.abspaths(), "features-tuned").features
         backbone_state = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
         lap("extract-tuned")
 

@@ -143,11 +143,15 @@ def build_cells(records: Records, *, size_m: float, groups: int, min_images: int
 
     filed = label.copy()
     orphans = np.flatnonzero(label < 0)
-    for i in orphans:
-        same = np.flatnonzero((zone == records.zone[i]) & (south == records.south[i]))
-        pool = same if same.size else np.arange(len(key))
-        d = geodesic_m(records.lat[i], records.lon[i], lat[pool], lon[pool])
-        filed[i] = pool[int(np.argmin(d))]
+    # nearest kept cell centre (geodesic), per zone and hemisphere, a chunk of orphans at a time
+    for z, s in {(int(a), bool(b)) for a, b in zip(records.zone[orphans], records.south[orphans])}:
+        here = orphans[(records.zone[orphans] == z) & (records.south[orphans] == s)]
+        pool = np.flatnonzero((zone == z) & (south == s))
+        pool = pool if pool.size else np.arange(len(key))
+        for start in range(0, len(here), 1024):
+            rows = here[start : start + 1024]
+            d = geodesic_m(records.lat[rows, None], records.lon[rows, None], lat[None, pool], lon[None, pool])
+            filed[rows] = pool[np.argmin(d, axis=1)]
     n_images = np.bincount(filed, minlength=len(key)).astype(np.int64)
     table = CellTable(key, zone, south, p, q, east, north, lat, lon, group.astype(np.int64), column, n_images,
                       float(size_m), int(groups), int(min_images))

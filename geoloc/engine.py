@@ -117,6 +117,25 @@ class Localizer:
         """Backbone inputs ``[B, 3, H, W]`` -> pooled L2-normalised features ``[B, F]`` float32."""
         return embed_images(batch, backbone=self.backbone)
 
+    def embed_files(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[ImageError | None], float, float]:
+        """Decode and embed image files, timing the two stages.
+
+        Returns:
+            features ``[B_ok, F]`` of the decodable files, in order; per path its ImageError or
+            None; decode seconds; backbone seconds.
+        """
+        t0 = time.perf_counter()
+        tensors, errors = [], []
+        for p in paths:
+            try:
+                tensors.append(self.decode(p))
+                errors.append(None)
+            except ImageError as err:
+                errors.append(err)
+        t1 = time.perf_counter()
+        feats = self.features(torch.stack(tensors)) if tensors else np.zeros((0, self.backbone.feature_dim), np.float32)
+        return feats, errors, t1 - t0, time.perf_counter() - t1
+
     # -- queries --------------------------------------------------------------------------------
     def localize(self, images: Sequence[str | Path], **options) -> list[Prediction | ImageError]:
         """Localise image files; a bad image yields its :class:`ImageError` in its place.
@@ -124,21 +143,10 @@ class Localizer:
         ``options``: mode, top_cells, neighbours, top_matches (defaults from the config).
         """
         opts = QueryOptions.from_config(self.config, **options)
-        t0 = time.perf_counter()
-        tensors, out = [], []
-        for p in images:
-            try:
-                tensors.append(self.decode(p))
-                out.append(None)
-            except ImageError as err:
-                out.append(err)
-        t_decode = time.perf_counter() - t0
+        feats, out, t_decode, t_backbone = self.embed_files(images)
         ok = [i for i, o in enumerate(out) if o is None]
         if not ok:
             return out
-        t1 = time.perf_counter()
-        feats = self.features(torch.stack(tensors))
-        t_backbone = time.perf_counter() - t1
         preds = self.localize_features(feats, images=[str(images[i]) for i in ok], options=opts)
         n = len(ok)
         for i, pred in zip(ok, preds):

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from geoloc.engine import MODES, Localizer, QueryOptions
-from geoloc.errors import ImageError
 from geoloc.geo import geodesic_m
 from geoloc.records import Records
 
@@ -134,21 +132,17 @@ def embed_queries(loc: Localizer, queries: Records, *, batch_size: int = 16,
     feats, ok, skipped = [], np.zeros(len(queries), bool), []
     decode_s = backbone_s = 0.0
     for start in range(0, len(queries), batch_size):
-        tensors = []
-        t0 = time.perf_counter()
-        for i in range(start, min(start + batch_size, len(queries))):
-            try:
-                tensors.append(loc.decode(queries.abspath(i)))
-                ok[i] = True
-            except ImageError as err:
+        rows = range(start, min(start + batch_size, len(queries)))
+        f, errors, t_dec, t_bb = loc.embed_files([queries.abspath(i) for i in rows])
+        feats.append(f)
+        decode_s += t_dec
+        backbone_s += t_bb
+        for i, err in zip(rows, errors):
+            ok[i] = err is None
+            if err is not None:
                 skipped.append((queries.paths[i], err.problem))
-        t1 = time.perf_counter()
-        if tensors:
-            feats.append(loc.features(torch.stack(tensors)))
-        decode_s += t1 - t0
-        backbone_s += time.perf_counter() - t1
         if progress:
-            progress(min(start + batch_size, len(queries)), len(queries))
-    dim = loc.bundle.projection.shape[1]
+            progress(rows.stop, len(queries))
+    dim = loc.backbone.feature_dim
     features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
     return QueryFeatures(queries.subset(ok), features, skipped, 1e3 * decode_s, 1e3 * backbone_s)
