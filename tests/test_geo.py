@@ -131,13 +131,16 @@ def test_geodesic_symmetric_and_zero(a1, o1, a2, o2):
 @given(lats, lons, st.floats(0, 2 * np.pi), st.floats(1.0, 1000.0))
 def test_geodesic_matches_utm_for_short_lines(lat, lon, bearing, dist):
     """Within one zone, UTM distances are true distances times the scale factor (0.9996..1.0013
-    in standard and special zones), so they agree with the geodesic within 0.5 %."""
+    in standard and special zones), so they agree with the geodesic within 0.5 %. Both ends go
+    through the same inverse projection: the utm series' own round-trip error (up to ~5 cm
+    at 6 degrees from the central meridian of Norway's widened zone 32V) must not count."""
     e, n, z, s = latlon_to_utm(np.array([lat]), np.array([lon]))
     e2, n2 = e + dist * np.sin(bearing), n + dist * np.cos(bearing)
+    la1, lo1 = utm_to_latlon(e, n, z, s)
     la2, lo2 = utm_to_latlon(e2, n2, z, s)
     assume(-80 <= la2[0] <= 84)
     assume(latlon_to_zone_number(la2, lo2)[0] == z[0] and (la2[0] < 0) == s[0])
-    g = geodesic_m(lat, lon, la2[0], lo2[0])
+    g = geodesic_m(la1[0], lo1[0], la2[0], lo2[0])
     assert abs(g / dist - 1) < 0.005
 
 
