@@ -36,7 +36,7 @@ from safetensors.numpy import load_file, save_file
 import geoloc
 from geoloc.cells import CellTable
 from geoloc.config import Config
-from geoloc.errors import BundleError, GeolocError
+from geoloc.errors import BundleError, ConfigError, GeolocError
 from geoloc.fileio import atomic_write_json, fsync_dir, sha256_file, sha256_json
 from geoloc.index import CellIndex
 from geoloc.records import Records
@@ -228,7 +228,10 @@ def read_bundle(path: Path, *, config: Config | None = None) -> Bundle:
     manifest = read_manifest(path)
     verify_files(path, manifest)
     try:
-        cfg = config or Config.from_dict(manifest["config"], source=str(path / MANIFEST))
+        try:
+            cfg = config or Config.from_dict(manifest["config"], source=str(path / MANIFEST))
+        except ConfigError as err:  # the bundle's own build config, not the user's
+            raise BundleError(f"{err}; the bundle was written by another geoloc version or edited, rebuild it") from None
         model = _load_tensors(path, "model.safetensors")
         cells = _load_tensors(path, "cells.safetensors")
         rec = _load_tensors(path, "records.safetensors")
