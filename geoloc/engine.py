@@ -1,11 +1,13 @@
-"""The localiser: a loaded bundle plus its backbone, answering in classify, retrieve or hybrid mode.
+"""The localiser: a loaded bundle plus its encoder, answering in classify, retrieve or hybrid mode.
 
-Query path, one stage per line (the names of ``Prediction.timings_ms``)::
+Query path (docs/architecture.md, "Query path"); the stages are the fields of
+:class:`geoloc.timings.StageTimes` and the keys of ``Prediction.timings_ms``::
 
-    decode    image file -> RGB -> backbone input tensor
-    backbone  tensor -> pooled feature [F]
-    heads     projection -> descriptor [D]; cosine to every cell prototype -> top-k cells
-    search    database search (whole database for retrieve, top-k cells for hybrid)
+    decode    image file -> backbone input tensor          geoloc.encoder.Encoder.decode
+    backbone  tensor -> pooled feature [F]                 geoloc.encoder.Encoder.features
+    heads     projection -> descriptor [D]; cell scores    geoloc.encoder.Encoder.descriptors,
+              -> top-k cells                               geoloc.index.CellIndex.search
+    search    database search (all of it for retrieve, the top-k cells' lists for hybrid)
 """
 
 from __future__ import annotations
@@ -13,16 +15,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 
 from geoloc.backbones import Backbone, create_backbone
 from geoloc.bundle import Bundle, check_backbone, read_bundle
 from geoloc.config import Config
+from geoloc.encoder import Encoder
 from geoloc.errors import ConfigError, ImageError
-from geoloc.extract import embed_images, load_for_backbone
+from geoloc.timings import StageTimes
 
 MODES = ("classify", "retrieve", "hybrid")
 
@@ -49,10 +51,20 @@ class Prediction:
     top_cells: list[int] = field(default_factory=list)
     candidates: list[tuple[float, float]] = field(default_factory=list)
     """The top answers' (lat, lon), best first: cell centres (classify) or matches' positions."""
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    scanned: int = 0
+    """Database vectors compared for this answer (0 for classify, N for retrieve)."""
+    times: StageTimes = field(default_factory=StageTimes)
+
+    @property
+    def timings_ms(self) -> dict[str, float]:
+        """Milliseconds per stage and their total (:meth:`StageTimes.to_dict`)."""
+        return self.times.to_dict()
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("times")
+        out["timings_ms"] = self.timings_ms
+        return out
 
 
 @dataclass
@@ -82,10 +94,12 @@ class Localizer:
     def __init__(self, bundle: Bundle, backbone: Backbone) -> None:
         check_backbone(bundle.manifest, backbone.describe(), where=bundle.path)
         self.bundle = bundle
-        self.backbone = backbone
         self.config = bundle.config
-        self._projection = torch.from_numpy(bundle.projection.copy())
-        self._abspaths: list[str] | None = None
+        self.encoder = Encoder(backbone, bundle.projection)
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.encoder.backbone
 
     @classmethod
     def load(cls, path: str | Path, *, config: Config | None = None, backbone: Backbone | None = None,
@@ -102,69 +116,45 @@ class Localizer:
                 backbone.load_tuned(bundle.backbone_state)
         return cls(bundle, backbone)
 
-    # -- descriptors ----------------------------------------------------------------------------
-    def project(self, features: np.ndarray) -> np.ndarray:
-        """Pooled backbone features ``[B, F]`` -> L2-normalised descriptors ``[B, D]`` float32."""
-        with torch.inference_mode():
-            d = torch.nn.functional.normalize(torch.from_numpy(np.asarray(features, np.float32)) @ self._projection.T, dim=1)
-        return d.numpy()
-
-    def decode(self, path: str | Path) -> torch.Tensor:
-        """One image file -> backbone input ``[3, H, W]``; raises :class:`ImageError`."""
-        return self.backbone.transform(load_for_backbone(path, backbone=self.backbone))
-
-    def features(self, batch: torch.Tensor) -> np.ndarray:
-        """Backbone inputs ``[B, 3, H, W]`` -> pooled L2-normalised features ``[B, F]`` float32."""
-        return embed_images(batch, backbone=self.backbone)
-
-    def embed_files(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[ImageError | None], float, float]:
-        """Decode and embed image files, timing the two stages.
-
-        Returns:
-            features ``[B_ok, F]`` of the decodable files, in order; per path its ImageError or
-            None; decode seconds; backbone seconds.
-        """
-        t0 = time.perf_counter()
-        tensors, errors = [], []
-        for p in paths:
-            try:
-                tensors.append(self.decode(p))
-                errors.append(None)
-            except ImageError as err:
-                errors.append(err)
-        t1 = time.perf_counter()
-        feats = self.features(torch.stack(tensors)) if tensors else np.zeros((0, self.backbone.feature_dim), np.float32)
-        return feats, errors, t1 - t0, time.perf_counter() - t1
-
     # -- queries --------------------------------------------------------------------------------
-    def localize(self, images: Sequence[str | Path], **options) -> list[Prediction | ImageError]:
+    def localize(self, images: Sequence[str | Path], *, batch_size: int | None = None,
+                 **options) -> list[Prediction | ImageError]:
         """Localise image files; a bad image yields its :class:`ImageError` in its place.
 
-        ``options``: mode, top_cells, neighbours, top_matches (defaults from the config).
+        ``options``: mode, top_cells, neighbours, top_matches (defaults from the config). Images
+        are embedded ``batch_size`` at a time (default ``backbone.batch_size`` of the config).
         """
+        return list(self.iter_localize(images, batch_size=batch_size, **options))
+
+    def iter_localize(self, images: Sequence[str | Path], *, batch_size: int | None = None,
+                      **options) -> Iterator[Prediction | ImageError]:
+        """:meth:`localize` as a stream: one answer per image, in order, batch by batch (memory
+        bounded by the batch, whatever the number of images)."""
         opts = QueryOptions.from_config(self.config, **options)
-        feats, out, t_decode, t_backbone = self.embed_files(images)
-        ok = [i for i, o in enumerate(out) if o is None]
-        if not ok:
-            return out
-        preds = self.localize_features(feats, images=[str(images[i]) for i in ok], options=opts)
-        n = len(ok)
-        for i, pred in zip(ok, preds):
-            pred.timings_ms = {"decode": 1e3 * t_decode / len(images), "backbone": 1e3 * t_backbone / n, **pred.timings_ms}
-            pred.timings_ms["total"] = sum(v for k, v in pred.timings_ms.items() if k != "total")
-            out[i] = pred
-        return out
+        bs = max(1, int(batch_size or self.config.backbone.batch_size))
+        for start in range(0, len(images), bs):
+            paths = list(images[start : start + bs])
+            enc = self.encoder.encode_files(paths)
+            ok = [i for i, e in enumerate(enc.errors) if e is None]
+            out: list[Prediction | ImageError] = list(enc.errors)  # type: ignore[arg-type]
+            if ok:
+                share = StageTimes(decode=enc.times.decode / len(paths), backbone=enc.times.backbone / len(ok))
+                preds = self.localize_features(enc.features, images=[str(paths[i]) for i in ok], options=opts)
+                for i, pred in zip(ok, preds):
+                    pred.times = share + pred.times
+                    out[i] = pred
+            yield from out
 
     def localize_features(self, features: np.ndarray, *, images: Sequence[str] | None = None,
                           options: QueryOptions | None = None, **kw) -> list[Prediction]:
         """Localise pooled backbone features ``[B, F]`` (e.g. from a cache)."""
         opts = options or QueryOptions.from_config(self.config, **kw)
         t0 = time.perf_counter()
-        desc = self.project(features)
-        t_proj = time.perf_counter() - t0
+        desc = self.encoder.descriptors(features)
+        proj = StageTimes(heads=1e3 * (time.perf_counter() - t0) / max(len(desc), 1))
         preds = self.localize_descriptors(desc, images=images, options=opts)
         for p in preds:
-            p.timings_ms["heads"] += 1e3 * t_proj / len(preds)
+            p.times = p.times + proj
         return preds
 
     def localize_descriptors(self, desc: np.ndarray, *, images: Sequence[str] | None = None,
@@ -174,11 +164,11 @@ class Localizer:
         res = self.bundle.index.search(desc, mode=opts.mode, top_cells=opts.top_cells, k=opts.top_matches,
                                        neighbours=opts.neighbours)
         b = len(desc)
-        timings = {"heads": res.timings_ms.get("cells", 0.0) / b, "search": res.timings_ms.get("search", 0.0) / b}
+        times = StageTimes(heads=res.timings_ms.get("cells", 0.0), search=res.timings_ms.get("search", 0.0)).scaled(1 / max(b, 1))
         names = list(images) if images is not None else [f"#{i}" for i in range(b)]
-        return [self._prediction(names[i], opts.mode, res, i, dict(timings)) for i in range(b)]
+        return [self._prediction(names[i], opts.mode, res, i, times) for i in range(b)]
 
-    def _prediction(self, image: str, mode: str, res, i: int, timings: dict[str, float]) -> Prediction:
+    def _prediction(self, image: str, mode: str, res, i: int, times: StageTimes) -> Prediction:
         table, rec = self.bundle.table, self.bundle.records
         cells = [int(c) for c in res.cell_ids[i] if c >= 0]
         if mode == "classify":
@@ -198,7 +188,19 @@ class Localizer:
         return Prediction(image=image, mode=mode, lat=float(lat), lon=float(lon), east=float(east), north=float(north),
                           zone=int(zone), hemisphere="S" if south else "N", cell=c,
                           cell_pq=(int(table.p[c]), int(table.q[c])), score=float(score), match=match,
-                          top_cells=cells, candidates=candidates, timings_ms=timings)
+                          top_cells=cells, candidates=candidates, scanned=self._scanned(res, i, mode), times=times)
+
+    def _scanned(self, res, i: int, mode: str) -> int:  # TEMPORARY until SearchResult.scanned lands
+        if hasattr(res, "scanned"):
+            return int(res.scanned[i])
+        if mode == "retrieve":
+            return len(self.bundle.records)
+        if mode == "classify":
+            return 0
+        ring = self.bundle.table.neighbours()
+        lists = np.asarray([c for c in res.cell_ids[i] if c >= 0])
+        lists = np.union1d(lists, ring[lists].ravel()) if self.config.query.neighbours else lists
+        return int(self.bundle.table.n_images[lists[lists >= 0]].sum())
 
     def match_path(self, row: int) -> str:
         return str(self.bundle.records.abspath(row))

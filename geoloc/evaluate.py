@@ -10,7 +10,6 @@ latency a single user sees, per stage.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -86,8 +85,6 @@ def evaluate(loc: Localizer, queries: Records | QueryFeatures, *, modes: Sequenc
     qf = queries if isinstance(queries, QueryFeatures) else embed_queries(loc, queries, batch_size=batch_size,
                                                                           progress=progress)
     q, feats = qf.records, qf.features
-    table = loc.bundle.table
-    ring = table.neighbours()
     results: dict[str, ModeResult] = {}
     lines: list[str] = []
     k_eval = max(RECALL_AT)
@@ -100,15 +97,9 @@ def evaluate(loc: Localizer, queries: Records | QueryFeatures, *, modes: Sequenc
         heads_ms = search_ms = scanned = 0.0
         for i in range(len(q)):
             pred = loc.localize_features(feats[i : i + 1], images=[str(q.paths[i])], options=opts)[0]
-            heads_ms += pred.timings_ms["heads"]
-            search_ms += pred.timings_ms["search"]
-            if mode == "retrieve":
-                scanned += len(loc.bundle.records)
-            elif mode == "hybrid":
-                lists = np.asarray(pred.top_cells)
-                if opts.neighbours:
-                    lists = np.union1d(lists, ring[lists].ravel())
-                scanned += table.n_images[lists[lists >= 0]].sum()
+            heads_ms += pred.times.heads
+            search_ms += pred.times.search
+            scanned += pred.scanned
             cand = np.asarray(pred.candidates[:k_eval], dtype=np.float64).reshape(-1, 2)
             errors[i, : len(cand)] = geodesic_m(q.lat[i], q.lon[i], cand[:, 0], cand[:, 1])
             lines.append(json.dumps({"query": q.paths[i], "mode": mode, "lat": pred.lat, "lon": pred.lon,
@@ -130,14 +121,14 @@ def embed_queries(loc: Localizer, queries: Records, *, batch_size: int = 16,
                   progress: Callable[[int, int], None] | None = None) -> QueryFeatures:
     """Decode and embed every query once (batched, stages timed separately); unreadable ones are skipped."""
     feats, ok, skipped = [], np.zeros(len(queries), bool), []
-    decode_s = backbone_s = 0.0
+    decode_ms = backbone_ms = 0.0
     for start in range(0, len(queries), batch_size):
         rows = range(start, min(start + batch_size, len(queries)))
-        f, errors, t_dec, t_bb = loc.embed_files([queries.abspath(i) for i in rows])
-        feats.append(f)
-        decode_s += t_dec
-        backbone_s += t_bb
-        for i, err in zip(rows, errors):
+        enc = loc.encoder.encode_files([queries.abspath(i) for i in rows])
+        feats.append(enc.features)
+        decode_ms += enc.times.decode
+        backbone_ms += enc.times.backbone
+        for i, err in zip(rows, enc.errors):
             ok[i] = err is None
             if err is not None:
                 skipped.append((queries.paths[i], err.problem))
@@ -145,4 +136,4 @@ def embed_queries(loc: Localizer, queries: Records, *, batch_size: int = 16,
             progress(rows.stop, len(queries))
     dim = loc.backbone.feature_dim
     features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
-    return QueryFeatures(queries.subset(ok), features, skipped, 1e3 * decode_s, 1e3 * backbone_s)
+    return QueryFeatures(queries.subset(ok), features, skipped, decode_ms, backbone_ms)

@@ -7,45 +7,38 @@ cannot be decoded -- they never become zero rows.
 With ``cache_dir`` the work is split into chunks of ``chunk_size`` images; each finished chunk
 is written atomically (:func:`geoloc.fileio.atomic_write_bytes`: a temporary file, then ``os.replace``), next to a
 ``cache.json`` naming the cache key: sha256 over the backbone (fingerprint, input size,
-preprocessing), the loader settings, the chunk size and the list of paths. A run killed at any
-moment leaves only whole chunk files; the next run with the same key loads them and extracts
-only the rest. A cache with another key is cleared, never mixed. Every chunk also carries the
-key in its metadata and is checked on load. No pickle anywhere.
+preprocessing), the decode size and the chunk size. A cache with another key is cleared, never
+mixed. Each chunk carries its own key in its metadata, checked on load: the cache key, the
+chunk's absolute paths and each file's identity (size, mtime, ctime, inode), so a chunk whose
+images were replaced under the same names is extracted again, never reused. A run killed at
+any moment leaves only whole chunk files; the next run loads them and extracts only the rest.
+No pickle anywhere.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from geoloc import images as _images
 from geoloc.fileio import atomic_write_bytes
 from geoloc.backbones import Backbone
+from geoloc.encoder import decode_with, pooled, short_side
 from geoloc.errors import GeolocError, ImageError
 
-__all__ = ["Extraction", "extract_features", "embed_images", "load_for_backbone", "CACHE_FORMAT"]
+__all__ = ["Extraction", "extract_features", "image_batches", "CACHE_FORMAT"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 DEFAULT_CHUNK_SIZE = 1024
-def _short_side(backbone: Backbone) -> int:
-    """The short side timm's eval transform resizes to (``input_size / crop_pct``): JPEGs are
-    decoded at the largest libjpeg reduction that keeps at least that many pixels."""
-    return int(math.ceil(backbone.input_size / backbone.crop_pct))
-
-
 @dataclass
 class Extraction:
     """Result of :func:`extract_features` over N paths."""
@@ -68,15 +61,7 @@ class Extraction:
         return np.where(self.ok, rows, -1).astype(np.int64)
 
 
-# -- loading ----------------------------------------------------------------------------------------
-def load_for_backbone(path: str | Path, *, backbone: Backbone) -> Image.Image:
-    """Decode ``path`` exactly as extraction does (RGB, EXIF-rotated, JPEGs at reduced scale).
-
-    Use it for query images so they are preprocessed like the database. Raises ImageError.
-    """
-    return _images.load_image(path, short_side=_short_side(backbone))
-
-
+# -- loading --------------------------------------------------------------------------------------
 class _ImageDataset(Dataset):
     """Item i -> ``(i, x [3,S,S] float32 | None, reason)``; failures are flagged, never zero-filled."""
 
@@ -89,17 +74,10 @@ class _ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        path = self.paths[i]
         try:
-            img = _images.load_image(path, short_side=self.short_side)
-            x = self.transform(img)
+            return i, decode_with(self.paths[i], transform=self.transform, side=self.short_side), ""
         except ImageError as err:
             return i, None, err.problem
-        except Exception as err:  # noqa: BLE001 - a bad image must not stop the run
-            return i, None, f"cannot preprocess image ({type(err).__name__}: {err})"
-        if not torch.isfinite(x).all():
-            return i, None, "image preprocessing produced non-finite values"
-        return i, x, ""
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, str]]]:
@@ -123,7 +101,7 @@ def image_batches(paths: Sequence[str | Path], *, backbone: Backbone, batches: S
     are reported by index and reason, never zero-filled.
     """
     return DataLoader(
-        _ImageDataset([str(p) for p in paths], backbone.transform_fn, _short_side(backbone)),
+        _ImageDataset([str(p) for p in paths], backbone.transform_fn, short_side(backbone)),
         batch_sampler=[list(b) for b in batches],
         num_workers=num_workers,
         collate_fn=_collate,
@@ -133,59 +111,34 @@ def image_batches(paths: Sequence[str | Path], *, backbone: Backbone, batches: S
     )
 
 
-# -- inference --------------------------------------------------------------------------------------
-def _autocast(device: str) -> contextlib.AbstractContextManager[Any]:
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def _forward(backbone: Backbone, x: torch.Tensor) -> np.ndarray:
-    """``x [B,3,S,S]`` -> ``[B,F]`` float32 numpy, L2-normalised."""
-    x = x.to(backbone.device, non_blocking=True)
-    if backbone.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), _autocast(backbone.device):
-        feats = backbone.model(x)
-    feats = F.normalize(feats.float(), dim=-1)
-    return feats.cpu().numpy().astype(np.float32, copy=False)
-
-
-def embed_images(images: Sequence[Image.Image] | torch.Tensor, *, backbone: Backbone) -> np.ndarray:
-    """Query-time embedding without a DataLoader.
-
-    Args:
-        images: B RGB PIL images (any sizes; transformed here), or an already transformed
-            tensor ``[B,3,S,S]`` / ``[3,S,S]``.
-    Returns:
-        ``[B, F]`` float32, L2-normalised.
-    """
-    if isinstance(images, torch.Tensor):
-        x = images.unsqueeze(0) if images.dim() == 3 else images
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images [B,3,H,W], got {tuple(images.shape)}")
-    else:
-        if len(images) == 0:
-            return np.zeros((0, backbone.feature_dim), dtype=np.float32)
-        x = torch.stack([backbone.transform(im.convert("RGB") if im.mode != "RGB" else im) for im in images])
-    return _forward(backbone, x.float())
-
-
 # -- cache ------------------------------------------------------------------------------------------
-def _cache_key(paths: Sequence[str], backbone: Backbone, chunk_size: int, short_side: int) -> str:
-    h = hashlib.sha256()
-    head = {
-        "format": CACHE_FORMAT,
-        "backbone": backbone.describe(),
-        "chunk_size": chunk_size,
-        "short_side": short_side,
-        "n": len(paths),
-    }
+def _cache_key(backbone: Backbone, chunk_size: int, side: int) -> str:
+    """What every chunk of a cache shares: the backbone (weights hash, input size, preprocessing),
+    the decode size and the chunk size."""
+    head = {"format": CACHE_FORMAT, "backbone": backbone.describe(), "chunk_size": chunk_size, "short_side": side}
     head["backbone"].pop("weights_source", None)  # where the weights came from does not matter, their hash does
-    h.update(json.dumps(head, sort_keys=True).encode())
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
+
+
+def _file_identity(path: str) -> str:
+    """What changes when a file's content may have changed: size, mtime, ctime and inode.
+
+    Replacing an image under the same name (copy, move, rewrite, even ``cp -p`` which keeps the
+    mtime) changes its ctime or inode, so its chunk is extracted again.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def _chunk_key(key: str, c: int, paths: Sequence[str]) -> str:
+    """Key of chunk ``c``: the cache key, the chunk's absolute paths and each file's identity."""
+    h = hashlib.sha256(f"{key}\0{c}".encode())
     for p in paths:
-        h.update(b"\0")
-        h.update(p.encode("utf-8", "surrogateescape"))
+        a = os.path.abspath(p)
+        h.update(b"\0" + a.encode("utf-8", "surrogateescape") + b"\0" + _file_identity(a).encode())
     return h.hexdigest()
 
 
@@ -200,7 +153,11 @@ def _clear_cache(cache_dir: Path) -> None:
 
 
 def _open_cache(cache_dir: Path, key: str, n: int, chunk_size: int, feature_dim: int) -> None:
-    """Make ``cache_dir`` hold a cache for ``key``: keep it when it matches, clear it otherwise."""
+    """Make ``cache_dir`` hold a cache for ``key``: keep it when it matches, clear it otherwise.
+
+    A kept cache may still hold chunks made from other files: each chunk is checked against its
+    own :func:`_chunk_key` when loaded.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path = cache_dir / "cache.json"
     try:
@@ -290,7 +247,7 @@ def extract_features(
     spaths = [str(p) for p in paths]
     n, fdim = len(spaths), backbone.feature_dim
     n_chunks = (n + chunk_size - 1) // chunk_size
-    short_side = _short_side(backbone)
+    side = short_side(backbone)
     chunk_len = [min(chunk_size, n - c * chunk_size) for c in range(n_chunks)]
 
     feats_c: list[np.ndarray | None] = [None] * n_chunks
@@ -301,10 +258,11 @@ def extract_features(
     reused = 0
     if cdir is not None and n:
         # absolute paths: the same images named relatively or absolutely share one cache
-        key = _cache_key([os.path.abspath(p) for p in spaths], backbone, chunk_size, short_side)
+        key = _cache_key(backbone, chunk_size, side)
         _open_cache(cdir, key, n, chunk_size, fdim)
+        chunk_keys = [_chunk_key(key, c, spaths[c * chunk_size : c * chunk_size + chunk_len[c]]) for c in range(n_chunks)]
         for c in range(n_chunks):
-            got = _load_chunk(cdir, c, key, chunk_len[c], fdim)
+            got = _load_chunk(cdir, c, chunk_keys[c], chunk_len[c], fdim)
             if got is not None:
                 feats_c[c], ok_c[c], err_c[c] = got
                 reused += 1
@@ -325,7 +283,7 @@ def extract_features(
                 first = int(idx[0]) if len(idx) else failed[0][0]
                 c = first // chunk_size
                 if x is not None:
-                    f = _forward(backbone, x)
+                    f = pooled(backbone, x).numpy()
                     for j, i in enumerate(idx.tolist()):
                         rows[c][i - c * chunk_size] = f[j]
                 bad[c].extend(failed)
@@ -339,7 +297,7 @@ def extract_features(
                         else np.zeros((0, fdim), dtype=np.float32)
                     errs = [(spaths[i], r) for i, r in sorted(bad[c])]
                     if cdir is not None:
-                        _save_chunk(cdir, c, key, feats, ok, errs)
+                        _save_chunk(cdir, c, chunk_keys[c], feats, ok, errs)
                     feats_c[c], ok_c[c], err_c[c] = feats, ok, errs
                     del rows[c], bad[c]
         finally:

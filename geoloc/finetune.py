@@ -21,6 +21,7 @@ from geoloc.backbones import Backbone
 from geoloc.cells import CellTable
 from geoloc.config import Config
 from geoloc.errors import ConfigError
+from geoloc.encoder import pooled
 from geoloc.extract import image_batches
 from geoloc.heads import CellClassifier
 
@@ -66,7 +67,7 @@ def finetune_backbone(*, backbone: Backbone, classifier: CellClassifier, table: 
                 if x is None:
                     continue
                 cells = lab[idx]
-                emb = classifier.embed(F.normalize(backbone.model(x.to(backbone.device)).float().cpu(), dim=1))
+                emb = classifier.embed(pooled(backbone, x, grad=True))
                 loss = emb.new_zeros(())
                 for g in torch.unique(group[cells]).tolist():
                     m = group[cells] == g

@@ -4,7 +4,7 @@ The projection maps pooled backbone features to the descriptor space; each group
 holds one L2-normalised prototype per cell of that group. At inference every group's
 prototypes are stacked into one ``[C, D]`` matrix in cell-id order and the query descriptor
 is scored against all of them by cosine, so scores from different groups are on one scale
-(DESIGN.md §2). The same descriptor is what the database index stores, so the prototypes
+(docs/architecture.md). The same descriptor is what the database index stores, so the prototypes
 double as the IVF coarse quantizer (hybrid mode is one restricted IVF search).
 
 Decision: inference always uses cosine to normalised prototypes. The Divide&Classify
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoloc.cells import CellTable
+from geoloc.encoder import project
 
 
 class AAMCHead(nn.Module):
@@ -71,8 +72,8 @@ class CellClassifier(nn.Module):
         )
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """features ``[B, F]`` -> descriptors ``[B, D]`` L2-normalised."""
-        return F.normalize(self.projection(features), dim=1)
+        """features ``[B, F]`` -> descriptors ``[B, D]`` L2-normalised (:func:`geoloc.encoder.project`)."""
+        return project(features, self.projection.weight)
 
     def prototypes(self, table: CellTable, *, normalized: bool = True) -> torch.Tensor:
         """All heads' class weights stacked in cell-id order: ``[C, D]`` (L2-normalised by default)."""

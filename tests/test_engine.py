@@ -1,6 +1,6 @@
 """End to end through the library: build a bundle, reload it, answer in every mode.
 
-Equivalence tests against reference paths (DESIGN.md §7.6): hybrid over all cells equals
+Equivalence tests against reference paths (docs/architecture.md): hybrid over all cells equals
 retrieve; answers equal brute force over the bundle's own arrays; a reloaded bundle answers
 identically; 8 threads answer like one.
 """
@@ -69,8 +69,8 @@ def test_answers_equal_brute_force_over_bundle_arrays(loc, built):
     root = built[0]
     queries = sorted((root / "ds" / "queries").iterdir())
     preds = {m: loc.localize(queries, mode=m, top_cells=3) for m in ("classify", "retrieve", "hybrid")}
-    feats = loc.features(__import__("torch").stack([loc.decode(p) for p in queries]))
-    desc = loc.project(feats)
+    feats = loc.encoder.features(__import__("torch").stack([loc.encoder.decode(p) for p in queries]))
+    desc = loc.encoder.descriptors(feats)
     db, cells = loc.bundle.index.vectors()
     protos = loc.bundle.prototypes / np.linalg.norm(loc.bundle.prototypes, axis=1, keepdims=True)
     cell_scores = desc @ protos.T

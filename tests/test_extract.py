@@ -19,7 +19,8 @@ from PIL import Image
 
 from geoloc.backbones import create_backbone
 from geoloc.config import BackboneConfig
-from geoloc.extract import Extraction, embed_images, extract_features, load_for_backbone
+from geoloc.encoder import Encoder, decode
+from geoloc.extract import Extraction, extract_features
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_features_normalised_and_in_order(tmp_path, tiny):
     assert ex.features.shape == (11, tiny.feature_dim) and ex.features.dtype == np.float32
     assert ex.ok.all() and ex.errors == []
     np.testing.assert_allclose(np.linalg.norm(ex.features, axis=1), 1.0, atol=1e-5)
-    ref = embed_images([load_for_backbone(p, backbone=tiny) for p in paths], backbone=tiny)
+    ref = Encoder(tiny).features(torch.stack([decode(p, backbone=tiny) for p in paths]))
     np.testing.assert_allclose(ex.features, ref, atol=1e-5)
     assert len({tuple(np.round(r, 4)) for r in ex.features}) == 11  # distinct rows, not a broadcast
 
@@ -117,15 +118,30 @@ def test_workers_zero_and_two_agree(tmp_path, tiny):
     _same(a, b)
 
 
-def test_embed_images_pil_and_tensor(tiny):
+def test_encoder_batch_and_single_input_agree(tiny):
     imgs = [Image.new("RGB", (80, 60), (i * 40, 10, 200)) for i in range(3)]
-    a = embed_images(imgs, backbone=tiny)
-    b = embed_images(torch.stack([tiny.transform(im) for im in imgs]), backbone=tiny)
-    c = embed_images(tiny.transform(imgs[0]), backbone=tiny)
+    enc = Encoder(tiny)
+    a = enc.features(torch.stack([tiny.transform(im) for im in imgs]))
+    c = enc.features(tiny.transform(imgs[0]))
     assert a.shape == (3, tiny.feature_dim) and a.dtype == np.float32
-    np.testing.assert_allclose(a, b, atol=1e-6)
     np.testing.assert_allclose(c, a[:1], atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        enc.features(torch.zeros(2, 1, 8, 8))
+
+
+def test_replaced_image_under_same_name_is_extracted_again(tmp_path, tiny):
+    """Issue 11: the cache is keyed by file identity, not only by path (no stale features)."""
+    paths = _make_images(tmp_path, 6)
+    cache = tmp_path / "cache"
+    first = extract_features(paths, backbone=tiny, batch_size=4, num_workers=0, progress=False, cache_dir=cache, chunk_size=3)
+    other = _make_images(tmp_path / "other", 6, seed=1)
+    Path(paths[4]).write_bytes(Path(other[4]).read_bytes())  # same name, new content
+    second = extract_features(paths, backbone=tiny, batch_size=4, num_workers=0, progress=False, cache_dir=cache, chunk_size=3)
+    assert second.reused_chunks == 1 and second.extracted_chunks == 1  # only the chunk holding image 4
+    fresh = extract_features(paths, backbone=tiny, batch_size=4, num_workers=0, progress=False)
+    np.testing.assert_allclose(second.features, fresh.features, atol=1e-6)
+    assert not np.allclose(second.features[4], first.features[4], atol=1e-3)
 
 
 # -- resumable cache --------------------------------------------------------------------------------
