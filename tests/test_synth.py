@@ -16,7 +16,7 @@ from geoloc.synth import (
     Look, build_city, contact_sheet, generate_city, load_city, place_city, render_aerial_tile, render_view,
     street_walk,
 )
-from geoloc.synth.writer import _query_look
+from geoloc.synth.writer import MARKER, _query_look
 
 TINY = dict(seed=3, extent_m=150.0, spacing_m=15.0, headings=2, n_queries=6, image_size=256, shift="mild",
             progress=False)
@@ -29,7 +29,7 @@ PINNED_SHA256 = "e70e4abb7f1a8c8423085902dfd358c0b03e7d45b8e03d7374632541b323a74
 def tree_hash(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name != MARKER:
             h.update(p.relative_to(root).as_posix().encode() + b"\0")
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -215,3 +215,72 @@ def test_refuses_foreign_non_empty_folder(tmp_path):
     with pytest.raises(DatasetError, match="not empty"):
         generate_city(out=tmp_path / "x", **TINY)
     assert (tmp_path / "x" / "mine.txt").read_text() == "keep"
+
+
+def test_refuses_a_real_dataset_holding_a_city_json(tmp_path):
+    """The data-loss case of issue 11: a real dataset with a `city.json` must not be emptied."""
+    real = tmp_path / "realds"
+    (real / "database").mkdir(parents=True)
+    (real / "database" / "photo.jpg").write_bytes(b"\xff\xd8 my real photo")
+    (real / "city.json").write_text('{"name": "Lund", "generator": "geoloc.synth"}')
+    with pytest.raises(DatasetError, match="not a city written by geoloc synth-city") as err:
+        generate_city(out=real, **TINY)
+    assert "\n" not in str(err.value)
+    assert (real / "database" / "photo.jpg").read_bytes() == b"\xff\xd8 my real photo"
+    assert sorted(p.name for p in real.rglob("*")) == ["city.json", "database", "photo.jpg"]
+
+
+def test_an_edited_or_forged_marker_is_not_trusted(tiny, tmp_path):
+    import json
+    import shutil
+
+    out, _ = tiny
+    copy = tmp_path / "c"
+    shutil.copytree(out, copy)
+    (copy / "database" / "keep.jpg").write_bytes(b"mine")
+    m = json.loads((copy / MARKER).read_text())
+    m["files"].append("database/keep.jpg")  # claims a file the generator did not write, without re-signing
+    (copy / MARKER).write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match="not a city written by"):
+        generate_city(out=copy, **TINY)
+    assert (copy / "database" / "keep.jpg").read_bytes() == b"mine"
+
+
+def test_regenerating_replaces_only_the_files_it_wrote(tiny, tmp_path):
+    import shutil
+
+    out, info = tiny
+    copy = tmp_path / "c"
+    shutil.copytree(out, copy)
+    (copy / "database" / "notes.txt").write_text("mine")
+    (copy / "demo_params.json").write_text("{}")
+    other = generate_city(out=copy, **{**TINY, "seed": 5, "aerial": False})
+    assert (copy / "database" / "notes.txt").read_text() == "mine"
+    assert (copy / "demo_params.json").read_text() == "{}"
+    assert not (copy / "aerial").exists() and not (copy / "aerial.csv").exists()
+    assert len(list((copy / "database").glob("*.jpg"))) == other.n_database
+    # and back: the tree equals a fresh generation, plus the two foreign files
+    generate_city(out=copy, **TINY)
+    (copy / "database" / "notes.txt").unlink()
+    (copy / "demo_params.json").unlink()
+    assert tree_hash(copy) == tree_hash(out) == PINNED_SHA256
+
+
+def test_an_interrupted_generation_can_be_run_again(tmp_path, monkeypatch):
+    import geoloc.synth.writer as w
+
+    calls = {"n": 0}
+    real = w._render_one
+
+    def dies(task):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(w, "_render_one", dies)
+    with pytest.raises(KeyboardInterrupt):
+        generate_city(out=tmp_path / "c", **TINY)
+    monkeypatch.setattr(w, "_render_one", real)
+    generate_city(out=tmp_path / "c", **TINY)
+    assert tree_hash(tmp_path / "c") == PINNED_SHA256

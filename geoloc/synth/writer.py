@@ -2,7 +2,11 @@
 
 Layout under ``out/``: ``database/``, ``queries/``, ``aerial/`` (JPEGs named in the VPR
 ``@east@north@zone@letter@lat@lon@pano@tile@heading@pitch@roll@height@timestamp@note@.jpg``
-convention), ``database.csv``, ``queries.csv``, ``aerial.csv`` and ``city.json``.
+convention), ``database.csv``, ``queries.csv``, ``aerial.csv``, ``city.json`` and the
+generator's signed marker ``.geoloc-synth.json`` (its parameters and every file it writes,
+written before the first image). A folder is regenerated over only when that marker verifies,
+and then only the files it lists are deleted: a real dataset that happens to hold a
+``city.json`` is refused, never emptied.
 
 Every image depends only on (seed, its own index, the generator version): poses and looks are
 drawn up front from named sub-streams of the seed, and each rendering gets its own seed, so
@@ -11,20 +15,25 @@ the bytes are the same for any number of workers.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import json
 import math
 import multiprocessing as mp
-import shutil
+import os
+import stat
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import utm
 from PIL import Image
 
-from geoloc.errors import DatasetError
+from geoloc.errors import DatasetError, GeolocError
+from geoloc.fileio import atomic_write_json, one_line, read_bounded
 from geoloc.geo import check_latlon, latlon_to_utm, utm_to_latlon
 from geoloc.synth.aerial import render_aerial_tile
 from geoloc.synth.city import GMAP_RES, G_CROSS, G_MARK, G_ROAD, SYNTH_VERSION, City, build_city, street_walk
@@ -137,7 +146,10 @@ def place_city(*, seed: int, extent_m: float, origin_latlon: tuple[float, float]
 
 def load_city(out: Path) -> City:
     """Rebuild the :class:`City` of a generated folder from its ``city.json`` (deterministic)."""
-    meta = json.loads((Path(out) / "city.json").read_text())
+    try:
+        meta = json.loads(read_bounded(Path(out) / "city.json", max_bytes=64 << 20).decode("utf-8"))
+    except (GeolocError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{one_line(Path(out) / 'city.json')}: cannot be read ({one_line(err)}); regenerate the city") from None
     if meta.get("version") != SYNTH_VERSION:
         raise DatasetError(f"{out}/city.json: generator version {meta.get('version')} != {SYNTH_VERSION}; regenerate the city")
     p = meta["parameters"]
@@ -156,6 +168,91 @@ def _write_csv(path: Path, rows: list[str]) -> None:
     path.write_text(CSV_HEADER + "\n" + "".join(r + "\n" for r in rows))
 
 
+MARKER = ".geoloc-synth.json"
+"""The generator's signed marker in every folder it writes: its parameters and every file it wrote."""
+_MARKER_KEY = b"geoloc.synth/marker/v1"
+_MARKER_MAX_BYTES = 512 << 20
+
+
+def _sign(body: dict) -> str:
+    payload = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hmac.new(_MARKER_KEY, payload, hashlib.sha256).hexdigest()
+
+
+def _write_marker(out: Path, *, params: dict, files: list[str], dirs: list[str], complete: bool) -> None:
+    body = {"generator": "geoloc.synth", "version": SYNTH_VERSION, "parameters": params, "complete": bool(complete),
+            "dirs": sorted(dirs), "files": sorted(files)}
+    atomic_write_json(out / MARKER, {**body, "signature": _sign(body)})
+
+
+def _own_relpath(rel: object) -> bool:
+    if not isinstance(rel, str) or not rel or "\\" in rel:
+        return False
+    pure = PurePosixPath(rel)
+    return not pure.is_absolute() and ".." not in pure.parts and len(pure.parts) <= 2
+
+
+def read_marker(out: Path) -> dict | None:
+    """The verified marker of a folder written by :func:`generate_city`, or None (absent, unsigned, edited).
+
+    Only a regular file (not a link) of bounded size is read.
+    """
+    try:
+        raw = read_bounded(Path(out) / MARKER, max_bytes=_MARKER_MAX_BYTES, follow_symlinks=False)
+        marker = json.loads(raw.decode("utf-8"))
+    except (GeolocError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(marker, dict) or marker.get("generator") != "geoloc.synth":
+        return None
+    body = {k: v for k, v in marker.items() if k != "signature"}
+    if not isinstance(marker.get("signature"), str) or not hmac.compare_digest(marker["signature"], _sign(body)):
+        return None
+    if not (isinstance(marker.get("files"), list) and isinstance(marker.get("dirs"), list)
+            and all(_own_relpath(f) for f in marker["files"])
+            and all(_own_relpath(d) and "/" not in d for d in marker["dirs"])):
+        return None
+    return marker
+
+
+def _claim_folder(out: Path) -> dict | None:
+    """Refuse an ``out`` the generator may not write into; returns the marker of a city it generated there.
+
+    Accepted: a new path, an empty folder, or a folder holding a valid signed marker (a city this
+    generator wrote). Anything else (a real dataset with its own ``city.json``, say) is refused
+    before any work.
+    """
+    if os.path.islink(out):
+        raise DatasetError(f"{one_line(out)}: is a symbolic link; give the folder itself as --out")
+    if not os.path.lexists(out):
+        return None
+    _check(out.is_dir(), f"{one_line(out)}: exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return None
+    marker = read_marker(out)
+    _check(marker is not None,
+           f"{one_line(out)}: folder is not empty and is not a city written by geoloc synth-city (no valid {MARKER} "
+           "marker); choose an empty or new folder")
+    return marker
+
+
+def _remove_own_files(out: Path, marker: dict | None) -> None:
+    """Delete the files a previous generation listed in its marker (only those), then its folders if empty."""
+    if marker is None:
+        return
+    for rel in marker["files"]:
+        f = out / rel
+        try:
+            if stat.S_ISREG(os.lstat(f).st_mode):
+                os.unlink(f)
+        except FileNotFoundError:
+            pass
+    for d in marker["dirs"]:
+        with contextlib.suppress(OSError):
+            (out / d).rmdir()  # only when empty: files someone else put there stay
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out / MARKER)
+
+
 def generate_city(*, out: Path, seed: int = 0, extent_m: float = 1000.0, spacing_m: float = 5.0,
                   shift: str = "mild", n_queries: int = 500, headings: int = 4, image_size: int = 256,
                   origin_latlon: tuple[float, float] = (55.7047, 13.1910), aerial: bool = True,
@@ -163,8 +260,10 @@ def generate_city(*, out: Path, seed: int = 0, extent_m: float = 1000.0, spacing
     """Generate a synthetic city dataset into ``out`` (see the module docstring for the layout).
 
     Raises:
-        DatasetError: an invalid argument, or ``out`` is a non-empty folder that is not a
-            previously generated city (a generated one is replaced).
+        DatasetError: an invalid argument, or ``out`` is a non-empty folder that is not a city
+            this generator wrote (recognised by its signed marker, :data:`MARKER`). In a city it
+            wrote, only the files its marker lists are deleted or replaced; files added by
+            someone else stay.
     """
     t_start = time.perf_counter()
     _check(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**63,
@@ -186,15 +285,7 @@ def generate_city(*, out: Path, seed: int = 0, extent_m: float = 1000.0, spacing
     except (TypeError, ValueError, IndexError):
         raise DatasetError(f"origin_latlon must be a (lat, lon) pair of degrees (got {origin_latlon!r})") from None
     out = Path(out)
-    if out.exists():
-        _check(out.is_dir(), f"{out}: exists and is not a folder; choose another --out")
-        if any(out.iterdir()):
-            _check((out / "city.json").is_file(),
-                   f"{out}: folder is not empty and holds no generated city; choose an empty or new folder")
-            for sub in ("database", "queries", "aerial"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-            for f in ("database.csv", "queries.csv", "aerial.csv", "city.json"):
-                (out / f).unlink(missing_ok=True)
+    previous = _claim_folder(out)
     extent_m, spacing_m = float(extent_m), float(spacing_m)
     city = place_city(seed=int(seed), extent_m=extent_m, origin_latlon=origin)
     zone, letter = city.zone, city.zone_letter
@@ -246,7 +337,31 @@ def generate_city(*, out: Path, seed: int = 0, extent_m: float = 1000.0, spacing
                              _image_seed(seed, _S_RENDER_Q, i), rel))
         q_rows.append(f"{rel},{la:.7f},{lo:.7f},{e:.2f},{n:.2f},{zone},{letter},{heading:.1f}")
 
-    for sub in ("database", "queries"):
+    # -- aerial tiles: positions and names up front, so the marker lists every file before any is written
+    a_tiles, a_rows = [], []
+    if aerial:
+        nt = max(1, int(math.ceil(extent_m / AERIAL_TILE_M)))
+        size_m = extent_m / nt
+        for j in range(nt):
+            for i in range(nt):
+                x, y = (i + 0.5) * size_m, (j + 0.5) * size_m
+                e, n, la, lo = (v[0] for v in _labels(city, np.array([x]), np.array([y])))
+                name = _vpr_name(e, n, zone, letter, la, lo, f"aerial{j:03d}{i:03d}", f"{size_m:g}m", 0.0, -90.0,
+                                 "202406", "aerial")
+                a_tiles.append((e, n, size_m, f"aerial/{name}"))
+                a_rows.append(f"aerial/{name},{la:.7f},{lo:.7f},{e:.2f},{n:.2f},{zone},{letter},0.0")
+
+    params = {"seed": int(seed), "extent_m": extent_m, "spacing_m": spacing_m, "shift": shift,
+              "n_queries": int(n_queries), "headings": int(headings), "image_size": int(image_size),
+              "origin_latlon": list(origin), "aerial": bool(aerial)}
+    planned = ([sh.path for sh in db_shots] + [sh.path for sh in q_shots] + [t[3] for t in a_tiles]
+               + ["database.csv", "queries.csv", "city.json"] + (["aerial.csv"] if aerial else []))
+    subdirs = ["database", "queries"] + (["aerial"] if aerial else [])
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_own_files(out, previous)
+    # written before any image (complete: false): an interrupted run can be regenerated over
+    _write_marker(out, params=params, files=planned, dirs=subdirs, complete=False)
+    for sub in subdirs:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     # -- render -------------------------------------------------------------------------------
@@ -283,20 +398,10 @@ def generate_city(*, out: Path, seed: int = 0, extent_m: float = 1000.0, spacing
     # -- aerial tiles -----------------------------------------------------------------------------
     n_aerial, aerial_csv = 0, None
     if aerial:
-        (out / "aerial").mkdir(exist_ok=True)
-        nt = max(1, int(math.ceil(extent_m / AERIAL_TILE_M)))
-        size_m = extent_m / nt
-        a_rows = []
-        for j in range(nt):
-            for i in range(nt):
-                x, y = (i + 0.5) * size_m, (j + 0.5) * size_m
-                e, n, la, lo = (v[0] for v in _labels(city, np.array([x]), np.array([y])))
-                tile = render_aerial_tile(city, east=e, north=n, size_m=size_m, pixels=int(image_size))
-                name = _vpr_name(e, n, zone, letter, la, lo, f"aerial{j:03d}{i:03d}", f"{size_m:g}m", 0.0, -90.0,
-                                 "202406", "aerial")
-                tile.save(out / "aerial" / name, format="JPEG", quality=DB_JPEG_QUALITY, optimize=False,
-                          progressive=False, subsampling=2)
-                a_rows.append(f"aerial/{name},{la:.7f},{lo:.7f},{e:.2f},{n:.2f},{zone},{letter},0.0")
+        for e, n, size_m, rel in a_tiles:
+            tile = render_aerial_tile(city, east=e, north=n, size_m=size_m, pixels=int(image_size))
+            tile.save(out / rel, format="JPEG", quality=DB_JPEG_QUALITY, optimize=False, progressive=False,
+                      subsampling=2)
         aerial_csv = out / "aerial.csv"
         _write_csv(aerial_csv, a_rows)
         n_aerial = len(a_rows)
@@ -304,11 +409,7 @@ def generate_city(*, out: Path, seed: int = 0, extent_m: float = 1000.0, spacing
     meta = {
         "generator": "geoloc.synth",
         "version": SYNTH_VERSION,
-        "parameters": {
-            "seed": int(seed), "extent_m": extent_m, "spacing_m": spacing_m, "shift": shift,
-            "n_queries": int(n_queries), "headings": int(headings), "image_size": int(image_size),
-            "origin_latlon": list(origin), "aerial": bool(aerial),
-        },
+        "parameters": params,
         "utm": {"zone": zone, "zone_letter": letter, "sw_east": city.sw_east, "sw_north": city.sw_north},
         "counts": {"database": len(db_shots), "database_positions": int(len(pos)), "queries": len(q_shots),
                    "aerial": n_aerial, "buildings": city.n_buildings, "sprites": int(city.sx.size),
@@ -318,6 +419,7 @@ def generate_city(*, out: Path, seed: int = 0, extent_m: float = 1000.0, spacing
         "camera": {"height_m": CAM_HEIGHT, "fov_deg": 90.0, "database_pitch_deg": DB_PITCH},
     }
     (out / "city.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_marker(out, params=params, files=planned, dirs=subdirs, complete=True)
     secs = time.perf_counter() - t_start
     return CityInfo(out=out, n_database=len(db_shots), n_queries=len(q_shots), n_aerial=n_aerial, zone=zone,
                     zone_letter=letter, seconds=secs, images_per_second=total / max(render_s, 1e-9),
