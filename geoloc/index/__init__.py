@@ -1,0 +1,43 @@
+"""The cell-partitioned index: one FAISS ``IndexIVFFlat`` whose inverted lists *are* the cells.
+
+Layout (shapes: ``N`` database vectors, ``D`` dims, ``C`` cells, ``P >= C`` prototypes)::
+
+    prototypes [P, D] --(cell scorer: flat | lsh | hnsw, registry)--> top cells [B, Kc]
+                                                                           |
+    descriptors [N, D] filed by cells [N] --> C inverted lists --(search_preassigned)--> ids [B, K]
+
+* **Cell scorer = the IVF's quantizer, over the prototypes.** Each cell has one or several
+  L2-normalised prototypes (sub-centres; ``prototype_cells`` ``[P]`` says whose). A cell's
+  score is the best cosine over its prototypes; scoring a query's cells (``classify``) is one
+  search of the scorer for a shortlist of prototypes, reduced to distinct cells. Scorers are
+  registered classes (:mod:`geoloc.index.scorers`): exact ``flat`` (``IndexFlatIP``), ``lsh``
+  (binary codes shortlist, exact re-rank) and ``hnsw`` (graph); ``auto`` picks ``lsh`` from
+  ``config.approx_min_cells`` cells on, ``flat`` below.
+* **Inverted lists = cells** (:mod:`geoloc.index.lists`). Every database row is filed under
+  its own cell with ``add_preassigned``; the stored id of a vector is its database row id.
+* **Hybrid** scores the cells, keeps the top ``top_cells`` (optionally with each top cell's
+  ring of 8 neighbours, de-duplicated) and scans exactly those lists with
+  ``search_preassigned``. The list count travels in a per-call ``SearchParametersIVF``:
+  nothing index-wide is written after build, so one index serves many threads. With
+  ``fusion_weight > 0`` candidates are ranked by ``inner product + weight x cell score``,
+  exactly (each list searched on its own, its bonus added, the results merged).
+* **Retrieve** is exact search over all N vectors through a flat view built lazily at the first
+  retrieve (:mod:`geoloc.index.retrieve`; a second ``N * D * 4`` bytes while held,
+  ``drop_flat_view`` frees it).
+* **GPU** (:mod:`geoloc.index.gpu`): with GPU faiss, a GPU and ``config.use_gpu``, the lists
+  and the cell scoring run on GPU 0 with the CPU path's answers.
+* **Files** (:mod:`geoloc.index.io`): ``index.faiss``, ``cell_neighbours.npy``,
+  ``prototype_cells.npy`` (only with several prototypes per cell). No pickle.
+
+Where this sits in the engine: ``docs/architecture.md``.
+"""
+
+from geoloc.index.cellindex import MODES, CellIndex
+from geoloc.index.io import INDEX_FILE, NEIGHBOURS_FILE, PROTOTYPE_CELLS_FILE
+from geoloc.index.result import SearchResult, StageTimes
+from geoloc.index.scorers import SCORERS, CellScorer, register_scorer, resolve_scorer_name, scorer_names
+
+__all__ = [
+    "CellIndex", "SearchResult", "StageTimes", "INDEX_FILE", "NEIGHBOURS_FILE", "PROTOTYPE_CELLS_FILE", "MODES",
+    "CellScorer", "register_scorer", "SCORERS", "scorer_names", "resolve_scorer_name",
+]

@@ -1,0 +1,294 @@
+"""``CellIndex``: the lists, a cell scorer, the exact-retrieve view and the GPU mirror behind one API.
+
+The layout is explained in the package docstring (:mod:`geoloc.index`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+from faiss.contrib import ivf_tools
+
+from geoloc.config import IndexConfig
+from geoloc.errors import BundleError
+from geoloc.index import lists as L
+from geoloc.index.checks import check_cells, check_k, check_matrix, check_neighbours, check_prototype_cells
+from geoloc.index.gpu import GpuMirror, gpu_available
+from geoloc.index.io import load_index, save_index
+from geoloc.index.result import SearchResult, StageTimes
+from geoloc.index.retrieve import FlatView
+from geoloc.index.scorers import SCORERS, PrototypeCells, resolve_scorer_name, scorer_for_index
+
+__all__ = ["CellIndex", "MODES"]
+
+MODES = ("classify", "retrieve", "hybrid")
+"""Search modes (local until geoloc.config defines them)."""
+
+
+class CellIndex:
+    """Cell-partitioned database index (layout: the :mod:`geoloc.index` docstring).
+
+    Build with :meth:`build` or :meth:`load`; query with :meth:`search`. Thread-safe for
+    concurrent :meth:`search` calls (no index-wide state is written after construction).
+    """
+
+    def __init__(self, ivf: faiss.IndexIVFFlat, *, neighbours: np.ndarray | None, config: IndexConfig,
+                 prototype_cells: np.ndarray | None = None) -> None:
+        self._ivf = ivf
+        self._config = config
+        self._neighbours = neighbours
+        scorer_cls = scorer_for_index(ivf.quantizer)
+        if scorer_cls is None:
+            raise ValueError(f"no registered cell scorer recognises a {type(faiss.downcast_index(ivf.quantizer)).__name__}")
+        self._scorer = scorer_cls(ivf.quantizer, config)
+        self._cells = PrototypeCells(prototype_cells, int(ivf.quantizer.ntotal))
+        self._sizes: np.ndarray | None = None  # [C] list sizes, computed at the first hybrid
+        self._gpu: GpuMirror | None = None
+        if gpu_available(config):  # pragma: no cover - needs a GPU
+            self._gpu = GpuMirror(ivf, self._scorer, self._scorer.prototypes()[self._cells.table[:, 0]])
+        make_flat = (lambda: self._gpu.flat_index(self.dim)) if self._gpu else (lambda: faiss.IndexFlatIP(self.dim))
+        self._flat = FlatView(lambda: self.vectors()[0], make_flat)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def build(cls, *, descriptors: np.ndarray, cells: np.ndarray, prototypes: np.ndarray,
+              prototype_cells: np.ndarray | None = None, neighbours: np.ndarray | None = None,
+              config: IndexConfig) -> "CellIndex":
+        """File every database descriptor under its cell and index the prototypes for scoring.
+
+        Args:
+            descriptors: ``[N, D]`` float32, L2-normalised; row ``i`` gets id ``i``.
+            cells: ``[N]`` int64 cell id (``0..C-1``) each row is filed under.
+            prototypes: ``[P, D]`` float32, L2-normalised cell prototypes (sub-centres).
+            prototype_cells: ``[P]`` int64 cell of each prototype; ``C = max + 1`` and every cell
+                needs one. None: ``P == C`` and row ``c`` is cell ``c``'s only prototype.
+            neighbours: ``[C, 8]`` int64 ids of each cell's 8 surrounding cells (-1 = none), e.g.
+                :meth:`geoloc.cells.CellTable.neighbours`; needed for ``neighbours=True`` searches.
+            config: cell scorer choice and parameters, GPU use.
+        Raises:
+            ValueError: on wrong shapes, dtypes, un-normalised rows or cell ids out of range.
+        """
+        prototypes = check_matrix("prototypes", prototypes, normalised=True)
+        p, d = prototypes.shape
+        if p == 0:
+            raise ValueError("prototypes is empty: the index needs at least one cell")
+        prototype_cells, c = check_prototype_cells(prototype_cells, p)
+        descriptors = check_matrix("descriptors", descriptors, d, normalised=True)
+        cells = check_cells("cells", cells, descriptors.shape[0], c, "descriptor")
+        neighbours = check_neighbours(neighbours, c)
+        scorer_cls = SCORERS[resolve_scorer_name(config, c)]
+        ivf = L.make_ivf(scorer_cls.make(prototypes, config), descriptors, cells, c)
+        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells)
+
+    @classmethod
+    def load(cls, folder: Path, *, config: IndexConfig) -> "CellIndex":
+        """Read a folder written by :meth:`save`.
+
+        The cell scorer follows ``config``: when it asks for another scorer than the stored one,
+        the scorer is rebuilt from the stored prototypes (``ivf_tools.replace_ivf_quantizer``; cheap).
+
+        Raises:
+            BundleError: one line naming the file when it is missing, truncated or not a cell index.
+        """
+        ivf, neighbours, prototype_cells = load_index(folder)
+        stored = scorer_for_index(ivf.quantizer)
+        if stored is None:
+            q = faiss.downcast_index(ivf.quantizer)
+            raise BundleError(f"{Path(folder) / 'index.faiss'}: unknown cell scorer {type(q).__name__}; rebuild the bundle")
+        wanted = SCORERS[resolve_scorer_name(config, int(ivf.nlist))]
+        if wanted is not stored:
+            # an empty new quantizer is trained and filled with the stored prototypes
+            ivf_tools.replace_ivf_quantizer(ivf, wanted.empty(int(ivf.d), config))
+        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells)
+
+    def save(self, folder: Path) -> list[Path]:
+        """Write ``index.faiss`` (+ ``cell_neighbours.npy``, ``prototype_cells.npy`` when present).
+
+        Returns the paths written. No pickle: ``faiss.write_index`` and ``np.save(allow_pickle=False)``.
+        """
+        pc = None if self._cells.identity else self._cells.cells
+        return save_index(folder, self._ivf, neighbours=self._neighbours, prototype_cells=pc)
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def on_gpu(self) -> bool:
+        """True when searches run on a GPU."""
+        return self._gpu is not None
+
+    @property
+    def ntotal(self) -> int:
+        """Number of database vectors N."""
+        return int(self._ivf.ntotal)
+
+    @property
+    def nlist(self) -> int:
+        """Number of cells C (inverted lists)."""
+        return int(self._ivf.nlist)
+
+    @property
+    def dim(self) -> int:
+        """Descriptor dimension D."""
+        return int(self._ivf.d)
+
+    @property
+    def quantizer_kind(self) -> str:
+        """Registered name of the cell scorer used on CPU ('flat', 'lsh', 'hnsw', ...)."""
+        return self._scorer.name
+
+    @property
+    def neighbours(self) -> np.ndarray | None:
+        """``[C, 8]`` int64 neighbour table or None."""
+        return self._neighbours
+
+    @property
+    def prototype_cells(self) -> np.ndarray:
+        """``[P]`` int64 cell of each prototype (``arange(C)`` with one prototype per cell)."""
+        return self._cells.cells
+
+    @property
+    def faiss_index(self) -> faiss.IndexIVFFlat:
+        """The CPU ``IndexIVFFlat`` (read-only use: do not set ``nprobe``; its quantizer holds the
+        P prototypes, so ``faiss_index.search`` is meaningless when P != C: use :meth:`search_lists`)."""
+        return self._ivf
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: ``lists`` (vectors + ids), ``quantizer`` (the cell scorer), ``flat_view`` (0 unless built)."""
+        return {"lists": self.ntotal * (self.dim * 4 + 8), "quantizer": self._scorer.memory_bytes(),
+                "flat_view": self._flat.nbytes()}
+
+    # -- contents -------------------------------------------------------------------------
+    def cell_members(self, c: int) -> np.ndarray:
+        """Row ids filed in cell ``c``; ``[n_c]`` int64."""
+        return L.cell_members(self._ivf, c)
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """All database vectors in row-id order: ``[N, D]`` float32 and ``[N]`` int64 cell of each row."""
+        return L.all_vectors(self._ivf)
+
+    def prototypes(self) -> np.ndarray:
+        """Cell prototypes held by the scorer; ``[P, D]`` float32 copy (``P == C`` with one per cell)."""
+        return np.array(self._scorer.prototypes())
+
+    # -- search ---------------------------------------------------------------------------
+    def score_cells(self, queries: np.ndarray, top_cells: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best distinct cells of each query; a cell's score is its best prototype's cosine.
+
+        Args:
+            queries: ``[B, D]`` float32, L2-normalised.
+            top_cells: how many cells to return (k); more than C gives -1 padding.
+        Returns:
+            scores: ``[B, k]`` float32 cosine, descending (-inf on padding).
+            ids: ``[B, k]`` int64 cell ids (-1 on padding).
+        """
+        queries = check_matrix("queries", queries, self.dim)
+        return self._score_cells(queries, check_k("top_cells", top_cells))
+
+    def _score_cells(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not len(queries):
+            return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        scorer = self._gpu.scorer if self._gpu is not None else self._scorer
+        scores, ids = scorer.search(queries, self._cells.shortlist(k))
+        return self._cells.top_cells(scores, ids, k)
+
+    def search_lists(self, queries: np.ndarray, lists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search restricted to the given inverted lists (cells).
+
+        Args:
+            queries: ``[B, D]`` float32.
+            lists: ``[B, W]`` int64 cell ids per query, -1 = skip; no repeats within a row, ``W <= C``.
+            k: matches per query.
+        Returns:
+            scores: ``[B, k]`` float32 inner products, descending (-inf on padding).
+            ids: ``[B, k]`` int64 row ids (-1 on padding).
+        """
+        if lists.shape[1] > self.nlist:
+            raise ValueError(f"lists has {lists.shape[1]} columns but the index holds only {self.nlist} cells")
+        return L.search_preassigned(self._gpu.ivf if self._gpu is not None else self._ivf, queries, lists, k)
+
+    def drop_flat_view(self) -> None:
+        """Free the exact-retrieve view (it is rebuilt at the next retrieve)."""
+        self._flat.drop()
+
+    def search(self, queries: np.ndarray, *, mode: str, top_cells: int = 5, k: int = 10, neighbours: bool = False,
+               fusion_weight: float = 0.0) -> SearchResult:
+        """Answer a batch of queries.
+
+        Args:
+            queries: ``[B, D]`` float32, L2-normalised.
+            mode: ``"classify"`` (cells only), ``"retrieve"`` (exact over all N) or ``"hybrid"``
+                (exact over the members of the top ``top_cells`` cells).
+            top_cells: cells returned (classify) or searched (hybrid).
+            k: database matches returned (retrieve/hybrid).
+            neighbours: hybrid only: also search each top cell's ring of 8 neighbours.
+            fusion_weight: hybrid only: rank candidates by ``inner product + fusion_weight x
+                score of their cell`` (exact, not a re-rank); 0 = by inner product alone.
+        Returns:
+            :class:`SearchResult` with ``cell_ids``/``cell_scores`` ``[B, top_cells]`` (``[B, 0]``
+            for retrieve) and ``ids``/``scores`` ``[B, k]`` (``[B, 0]`` for classify).
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        queries = check_matrix("queries", queries, self.dim)
+        k = check_k("k", k)
+        top_cells = check_k("top_cells", top_cells)
+        w = float(fusion_weight)
+        if not (np.isfinite(w) and w >= 0):
+            raise ValueError(f"fusion_weight must be a finite number >= 0; got {fusion_weight!r}")
+        if mode == "retrieve":
+            return self._retrieve(queries, k)
+        t0 = time.perf_counter()
+        cs, ci = self._score_cells(queries, top_cells)
+        t1 = time.perf_counter()
+        if mode == "classify":
+            b = len(queries)
+            return SearchResult(ci, cs, np.empty((b, 0), np.int64), np.empty((b, 0), np.float32),
+                                np.empty((b, 0), np.int64), np.zeros(b, np.int64), StageTimes(cells_ms=(t1 - t0) * 1e3))
+        return self._hybrid(queries, cs, ci, k, neighbours, w, t0)
+
+    def _retrieve(self, queries: np.ndarray, k: int) -> SearchResult:
+        b = len(queries)
+        t0 = time.perf_counter()
+        self._flat.get()
+        t1 = time.perf_counter()
+        scores, ids = self._flat.search(queries, k)
+        t2 = time.perf_counter()
+        empty_i, empty_f = np.empty((b, 0), np.int64), np.empty((b, 0), np.float32)
+        return SearchResult(empty_i, empty_f, ids, scores, empty_i, np.full(b, self.ntotal, np.int64),
+                            StageTimes(search_ms=(t2 - t1) * 1e3, prepare_ms=(t1 - t0) * 1e3))
+
+    def _hybrid(self, queries: np.ndarray, cs: np.ndarray, ci: np.ndarray, k: int, neighbours: bool,
+                weight: float, t0: float) -> SearchResult:
+        if neighbours:
+            if self._neighbours is None:
+                raise ValueError("neighbours=True needs a neighbour table: build the index with neighbours=CellTable.neighbours()")
+            lists = L.ring_lists(ci, self._neighbours, self.nlist)
+        else:  # a top-k cell search returns distinct cells, -1 only as tail padding (k > C)
+            lists = ci if ci.shape[1] <= self.nlist else ci[:, : self.nlist]
+        bonus = weight * self._list_scores(queries, lists, cs, ci) if weight else None
+        t1 = time.perf_counter()
+        index = self._gpu.ivf if self._gpu is not None else self._ivf
+        if bonus is None:
+            scores, ids = L.search_preassigned(index, queries, lists, k)
+        else:
+            scores, ids = L.search_fused(index, queries, lists, bonus, k)
+        t2 = time.perf_counter()
+        return SearchResult(ci, cs, ids, scores, lists, self._scanned(lists),
+                            StageTimes(cells_ms=(t1 - t0) * 1e3, search_ms=(t2 - t1) * 1e3))
+
+    def _list_scores(self, queries: np.ndarray, lists: np.ndarray, cs: np.ndarray, ci: np.ndarray) -> np.ndarray:
+        """Cell score of every searched list ``[B, W]``: the scored top cells' own scores, exact
+        scores (best cosine over the cell's prototypes) for ring cells that were not scored."""
+        hit = (lists[:, :, None] == ci[:, None, :]) & (lists[:, :, None] >= 0)  # [B, W, Kc]
+        found = hit.any(axis=2)
+        from_top = np.take_along_axis(cs, hit.argmax(axis=2), axis=1)
+        rest = self._cells.exact_scores(queries, np.where(found, -1, lists), self._scorer.prototypes())
+        return np.where(found, from_top, rest).astype(np.float32)
+
+    def _scanned(self, lists: np.ndarray) -> np.ndarray:
+        """``[B]`` int64 vectors in the searched lists ``[B, W]``."""
+        if self._sizes is None:
+            self._sizes = L.list_sizes(self._ivf)  # idempotent: a race computes it twice
+        return np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1).astype(np.int64)

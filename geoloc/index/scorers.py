@@ -1,0 +1,338 @@
+"""Cell scorers: how a query's best cells are found among the ``P`` prototypes ``[P, D]``.
+
+A scorer is one class registered under a name with :func:`register_scorer` (the way timm
+registers models). It owns
+
+* its construction from prototypes (:meth:`CellScorer.empty`: an untrained, empty FAISS index
+  that ``train`` + ``add`` fill; the same path serves build and a scorer switch at load),
+* its recognition in a stored index (:meth:`CellScorer.owns`; the scorer's FAISS index is the
+  IVF's quantizer, so it is saved and loaded with ``index.faiss``),
+* its per-call search parameters (never written into the shared index after build, so one
+  scorer serves many threads),
+* the conversion of its distances into cosines, and its GPU variant (:meth:`CellScorer.to_gpu`;
+  the default is exact scoring over the prototypes on the GPU, see :class:`GpuExactScorer`).
+
+``config.quantizer == "auto"`` resolves by :func:`resolve_scorer_name`: ``lsh`` from
+``config.approx_min_cells`` cells on, ``flat`` below. Adding a scorer = one subclass + its
+``@register_scorer("name")``; nothing else in the package names scorer kinds.
+
+:class:`PrototypeCells` maps prototypes to cells (several prototypes per cell: a cell's score is
+the best cosine over its prototypes) and turns a prototype shortlist into distinct top cells.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import faiss
+import numpy as np
+
+from geoloc.config import IndexConfig
+from geoloc.index.lists import distinct_positions
+
+__all__ = [
+    "CellScorer", "register_scorer", "SCORERS", "scorer_names", "resolve_scorer_name", "scorer_for_index",
+    "FlatScorer", "LSHScorer", "HNSWScorer", "GpuExactScorer", "PrototypeCells", "GPU_MAX_K",
+]
+
+SCORERS: dict[str, type["CellScorer"]] = {}
+"""Registered scorer classes by name (``config.quantizer`` values besides ``auto``)."""
+
+GPU_MAX_K = 2048
+"""Largest k a FAISS GPU flat search accepts; longer shortlists are cut there (and -1 padded)."""
+
+
+def register_scorer(name: str) -> Callable[[type["CellScorer"]], type["CellScorer"]]:
+    """Class decorator: register a :class:`CellScorer` subclass under ``name``."""
+
+    def deco(cls: type[CellScorer]) -> type[CellScorer]:
+        if name in SCORERS or name == "auto":
+            raise ValueError(f"cell scorer name {name!r} is already taken")
+        cls.name = name
+        SCORERS[name] = cls
+        return cls
+
+    return deco
+
+
+def scorer_names() -> tuple[str, ...]:
+    """Valid ``index.quantizer`` values: the registered scorers and ``auto``."""
+    return (*SCORERS, "auto")
+
+
+def resolve_scorer_name(config: IndexConfig, n_cells: int) -> str:
+    """The registered scorer ``config.quantizer`` asks for over ``n_cells`` cells ('auto' resolved)."""
+    name = config.quantizer
+    if name == "auto":
+        return "lsh" if n_cells >= config.approx_min_cells else "flat"
+    if name not in SCORERS:
+        raise ValueError(f"index.quantizer must be one of {', '.join(scorer_names())}; got {name!r}")
+    return name
+
+
+def scorer_for_index(index: faiss.Index) -> type["CellScorer"] | None:
+    """The registered class whose structure ``index`` (a stored quantizer) has, or None."""
+    index = faiss.downcast_index(index)
+    return next((cls for cls in SCORERS.values() if cls.owns(index)), None)
+
+
+class CellScorer:
+    """Scores prototypes of a query; one instance wraps one FAISS index over ``[P, D]`` prototypes.
+
+    Args:
+        index: the FAISS index over the prototypes (the IVF's quantizer; not owned here).
+        config: per-call search parameters are read from it.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, index: faiss.Index, config: IndexConfig) -> None:
+        self.index = faiss.downcast_index(index)
+        self.config = config
+        self._params: dict[int, faiss.SearchParameters | None] = {}  # per shortlist length, read-only once made
+
+    def cached_params(self, m: int) -> faiss.SearchParameters | None:
+        """:meth:`params` made once per ``m`` and shared read-only between threads."""
+        p = self._params.get(m)
+        if p is None:
+            p = self._params[m] = self.params(m)
+        return p
+
+    # -- construction / recognition ------------------------------------------------------
+    @classmethod
+    def empty(cls, d: int, config: IndexConfig) -> faiss.Index:
+        """An empty FAISS index for ``d``-D prototypes; ``train(P)`` then ``add(P)`` fill it."""
+        raise NotImplementedError
+
+    @classmethod
+    def make(cls, prototypes: np.ndarray, config: IndexConfig) -> faiss.Index:
+        """The scorer's FAISS index over ``prototypes`` ``[P, D]`` float32 (L2-normalised)."""
+        q = cls.empty(prototypes.shape[1], config)
+        q.train(prototypes)
+        q.add(prototypes)
+        return q
+
+    @classmethod
+    def owns(cls, index: faiss.Index) -> bool:
+        """True when ``index`` (downcast) is this scorer's structure."""
+        raise NotImplementedError
+
+    # -- search ----------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``m`` prototypes per query.
+
+        Args:
+            queries: ``[B, D]`` float32, L2-normalised.
+            m: shortlist length.
+        Returns:
+            scores: ``[B, m]`` float32 cosines, descending (-inf on padding).
+            ids: ``[B, m]`` int64 prototype rows (-1 on padding).
+        """
+        dist, ids = self.index.search(queries, m, params=self.cached_params(m))
+        scores = self.to_cosine(dist)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+    def params(self, m: int) -> faiss.SearchParameters | None:
+        """Per-call search parameters for a shortlist of ``m`` (None: the index's own)."""
+        return None
+
+    def to_cosine(self, dist: np.ndarray) -> np.ndarray:
+        """FAISS distances ``[B, m]`` -> cosines ``[B, m]`` float32 (identity for inner products)."""
+        return dist
+
+    # -- contents ----------------------------------------------------------------------------
+    def flat_storage(self) -> faiss.IndexFlat:
+        """The exact float32 copy of the prototypes inside the scorer's index."""
+        return self.index
+
+    def prototypes(self) -> np.ndarray:
+        """``[P, D]`` float32 view of the stored prototypes (no copy; read-only use)."""
+        flat = faiss.downcast_index(self.flat_storage())
+        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+    def memory_bytes(self) -> int:
+        """Bytes held: the float32 prototypes plus the scorer's own structure."""
+        return int(self.index.ntotal) * int(self.index.d) * 4
+
+    def to_gpu(self, resources) -> "GpuExactScorer":  # pragma: no cover - needs a GPU
+        """GPU variant; default: exact cosine over all prototypes (the answers of ``flat``)."""
+        return GpuExactScorer(resources, self.prototypes())
+
+
+class GpuExactScorer:  # pragma: no cover - needs a CUDA build of faiss and a GPU
+    """Exact scoring on GPU 0 (``GpuIndexFlatIP``); same interface as :meth:`CellScorer.search`.
+
+    Approximate CPU scorers (LSH, HNSW) fall back to this: exact, so at least as good a shortlist.
+    """
+
+    def __init__(self, resources, prototypes: np.ndarray) -> None:
+        self.index = faiss.GpuIndexFlatIP(resources, prototypes.shape[1])
+        self.index.add(np.ascontiguousarray(prototypes))
+
+    def search(self, queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.index.search(queries, min(m, GPU_MAX_K))
+        if scores.shape[1] < m:
+            pad = m - scores.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+
+@register_scorer("flat")
+class FlatScorer(CellScorer):
+    """Exact: every prototype's inner product (``IndexFlatIP``). Time grows with ``P``."""
+
+    @classmethod
+    def empty(cls, d: int, config: IndexConfig) -> faiss.Index:
+        return faiss.IndexFlatIP(d)
+
+    @classmethod
+    def owns(cls, index: faiss.Index) -> bool:
+        return isinstance(index, faiss.IndexFlat) and index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+@register_scorer("lsh")
+class LSHScorer(CellScorer):
+    """Binary codes shortlist, exact re-rank: ``IndexRefineFlat(IndexLSH)``.
+
+    ``IndexLSH`` (random rotation + sign bits, ``config.lsh_bits`` bits, 0 = max(256, D)) ranks
+    prototypes by Hamming distance; the best ``config.lsh_k_factor * m`` are re-ranked by exact
+    L2, which on unit vectors is ``2 - 2 cos``: the returned scores are exact cosines.
+    """
+
+    @classmethod
+    def empty(cls, d: int, config: IndexConfig) -> faiss.Index:
+        bits = int(config.lsh_bits) or max(256, d)
+        lsh = faiss.IndexLSH(d, bits, True, True)
+        q = faiss.IndexRefineFlat(lsh)
+        lsh.this.disown()  # the refine index owns (and frees) the LSH index from now on
+        q.own_fields = True
+        q.k_factor = float(config.lsh_k_factor)  # stored default; searches pass their own
+        return q
+
+    @classmethod
+    def owns(cls, index: faiss.Index) -> bool:
+        return isinstance(index, faiss.IndexRefine) and isinstance(faiss.downcast_index(index.base_index), faiss.IndexLSH)
+
+    def params(self, m: int) -> faiss.SearchParameters:
+        return faiss.IndexRefineSearchParameters(k_factor=float(self.config.lsh_k_factor))
+
+    def to_cosine(self, dist: np.ndarray) -> np.ndarray:
+        return 1.0 - 0.5 * dist  # |a - b|^2 = 2 - 2 cos for unit vectors
+
+    def flat_storage(self) -> faiss.IndexFlat:
+        return self.index.refine_index
+
+    def memory_bytes(self) -> int:
+        lsh = faiss.downcast_index(self.index.base_index)
+        return super().memory_bytes() + int(self.index.ntotal) * int(lsh.code_size)
+
+
+@register_scorer("hnsw")
+class HNSWScorer(CellScorer):
+    """Graph search over the prototypes (``IndexHNSWFlat``, inner product, ``config.hnsw_m`` links).
+
+    Per call ``efSearch = max(config.hnsw_ef_search, m)``. Scores are exact cosines of the
+    prototypes found; a prototype the graph misses is not returned.
+    """
+
+    @classmethod
+    def empty(cls, d: int, config: IndexConfig) -> faiss.Index:
+        q = faiss.IndexHNSWFlat(d, int(config.hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        q.hnsw.efSearch = int(config.hnsw_ef_search)  # stored default; searches pass their own
+        return q
+
+    @classmethod
+    def owns(cls, index: faiss.Index) -> bool:
+        return isinstance(index, faiss.IndexHNSW)
+
+    def params(self, m: int) -> faiss.SearchParameters:
+        return faiss.SearchParametersHNSW(efSearch=max(int(self.config.hnsw_ef_search), m))
+
+    def flat_storage(self) -> faiss.IndexFlat:
+        return self.index.storage
+
+    def memory_bytes(self) -> int:
+        m = int(self.index.hnsw.nb_neighbors(0)) // 2
+        return super().memory_bytes() + int(self.index.ntotal) * (m * 2 * 4 + 16)  # level-0 links dominate
+
+
+class PrototypeCells:
+    """Which cell each of the ``P`` prototypes belongs to, and cell scores from prototype scores.
+
+    Args:
+        prototype_cells: ``[P]`` int64 cell of each prototype, every cell ``0..C-1`` present; None
+            means ``P == C`` and prototype ``c`` is cell ``c`` (one prototype per cell).
+        p: number of prototypes P.
+    Attributes:
+        n_cells: C. per_cell: the most prototypes any cell has (1 for None).
+        table: ``[C, per_cell]`` int64 prototype rows of each cell, -1 padded.
+    """
+
+    def __init__(self, prototype_cells: np.ndarray | None, p: int) -> None:
+        self.identity = prototype_cells is None
+        if prototype_cells is None:
+            self.cells = np.arange(p, dtype=np.int64)
+            self.n_cells, self.per_cell = p, 1
+            self.table = self.cells[:, None]
+            return
+        self.cells = np.ascontiguousarray(prototype_cells, dtype=np.int64)
+        self.n_cells = int(self.cells.max()) + 1
+        counts = np.bincount(self.cells, minlength=self.n_cells)
+        self.per_cell = int(counts.max())
+        order = np.argsort(self.cells, kind="stable")
+        starts = np.cumsum(counts) - counts
+        rank = np.arange(p) - starts[self.cells[order]]
+        self.table = np.full((self.n_cells, self.per_cell), -1, dtype=np.int64)
+        self.table[self.cells[order], rank] = order
+
+    def shortlist(self, k: int) -> int:
+        """Prototypes to fetch so that the top ``k`` distinct cells are among them (exact for flat).
+
+        The k-th best cell's best prototype ranks at most ``(k - 1) * per_cell + 1``.
+        """
+        return k if self.identity else min(len(self.cells), k * self.per_cell)
+
+    def top_cells(self, scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct best cells from a descending prototype shortlist.
+
+        Args:
+            scores: ``[B, m]`` float32 prototype cosines, descending; ids: ``[B, m]`` int64 rows (-1 pad).
+            k: cells wanted.
+        Returns:
+            scores: ``[B, k]`` float32 cell score (best prototype), descending, -inf padded.
+            ids: ``[B, k]`` int64 cell ids, -1 padded.
+        """
+        if self.identity:
+            return scores, ids
+        cells = np.where(ids >= 0, self.cells[np.maximum(ids, 0)], -1)
+        pos = distinct_positions(cells)[:, :k]
+        if pos.shape[1] < k:
+            pos = np.pad(pos, ((0, 0), (0, k - pos.shape[1])), constant_values=-1)
+        ok = pos >= 0
+        safe = np.maximum(pos, 0)
+        out_ids = np.where(ok, np.take_along_axis(cells, safe, 1), -1)
+        out_scores = np.where(ok, np.take_along_axis(scores, safe, 1), -np.inf).astype(np.float32)
+        return out_scores, out_ids
+
+    def exact_scores(self, queries: np.ndarray, cells: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+        """Exact cell scores: for each query and cell, the best cosine over the cell's prototypes.
+
+        Args:
+            queries: ``[B, D]`` float32. cells: ``[B, W]`` int64, -1 = none. prototypes: ``[P, D]``.
+        Returns:
+            ``[B, W]`` float32, -inf where ``cells`` is -1.
+        """
+        b, w = cells.shape
+        out = np.full((b, w), -np.inf, dtype=np.float32)
+        if not cells.size:
+            return out
+        rows = np.where(cells[:, :, None] >= 0, self.table[np.maximum(cells, 0)], -1)  # [B, W, K]
+        step = max(1, (1 << 22) // max(1, w * self.per_cell * prototypes.shape[1]))
+        for i in range(0, b, step):
+            r = rows[i:i + step]
+            sims = np.einsum("bwkd,bd->bwk", prototypes[np.maximum(r, 0)], queries[i:i + step])
+            out[i:i + step] = np.where(r >= 0, sims, -np.inf).max(axis=2)
+        return out
