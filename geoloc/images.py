@@ -20,6 +20,7 @@ the output's longest side is then at most ``max_side`` (never upscaled).
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,9 @@ limit is the smaller of the two."""
 MIN_SIDE = 16
 """Smallest accepted width and height in pixels: smaller is not a usable photo (icons,
 tracking pixels, placeholders)."""
+
+MAX_FILE_BYTES = 1 << 30
+"""Largest image file read (1 GiB): bigger is not one photo, and the read stays bounded."""
 
 BACKGROUND_RGB = (124, 116, 104)
 """Colour transparent pixels are composited on: the ImageNet mean, i.e. ~0 after normalisation."""
@@ -56,12 +60,12 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _sniff(path: str | Path) -> str:
-    """A short human guess at what a file that Pillow cannot identify actually is."""
+def _sniff(fh) -> str:
+    """A short human guess at what a file (an open regular file) that Pillow cannot identify actually is."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError as err:
+        fh.seek(0)
+        head = fh.read(64)
+    except (OSError, ValueError) as err:
         return f"cannot read file ({_one_line(err)})"
     if len(head) >= 12 and head[4:8] == b"ftyp":
         brand = head[8:12].decode("ascii", "replace").strip()
@@ -149,21 +153,51 @@ def load_image(
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be positive, got {max_side}")
+    fh = open_image_file(path)
+    with fh:
+        return _decode(fh, path, limit=limit, max_side=max_side, short_side=short_side, min_side=min_side)
+
+
+def open_image_file(path: str | Path):
+    """Open ``path`` (binary) only when it is a non-empty regular file of at most :data:`MAX_FILE_BYTES`.
+
+    Opened non-blocking and checked with ``fstat`` on the descriptor, so a FIFO, a device or a
+    socket named ``.jpg`` is an :class:`ImageError` at once, never a hang. For any reader of image
+    files (EXIF included): ``with open_image_file(p) as fh: Image.open(fh)``.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        st = os.stat(path)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(path, "not a regular file (a directory)") from None
     except OSError as err:
         raise ImageError(path, f"cannot read file ({_one_line(err)})") from None
-    if not os.path.isfile(path):
-        raise ImageError(path, "not a regular file")
-    if st.st_size == 0:
-        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket")
+            raise ImageError(path, f"not a regular file ({kind})")
+        if st.st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(path, f"file is {st.st_size / 1e6:.0f} MB, above the {MAX_FILE_BYTES / 1e6:.0f} MB "
+                                   "accepted for one image")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
+
+def _decode(fh, path: str | Path, *, limit: int, max_side: int | None, short_side: int | None,
+            min_side: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(fh) as im:
                 w, h = im.size
                 if w * h > limit:
                     raise ImageError(path, f"image is {w}x{h} = {w * h / 1e6:.0f} MP, above the limit of "
@@ -197,7 +231,7 @@ def load_image(
     except Image.DecompressionBombWarning as err:
         raise ImageError(path, f"image too large, refused as a possible decompression bomb ({_one_line(err)})") from None
     except UnidentifiedImageError:
-        raise ImageError(path, _sniff(path)) from None
+        raise ImageError(path, _sniff(fh)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         msg = _one_line(err)
         if "truncated" in msg.lower() or isinstance(err, EOFError):

@@ -310,3 +310,50 @@ def test_short_side_decodes_jpeg_at_reduced_scale_keeping_enough_pixels(tmp_path
     png = tmp_path / "big.png"
     _Image.open(p).save(png)
     assert load_image(png, short_side=256).size == (2000, 1500)  # only JPEG has reduced-scale decoding
+
+
+def _alarm(seconds: int):
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def boom(*_):
+            raise TimeoutError(f"hung for {seconds} s")
+
+        old = signal.signal(signal.SIGALRM, boom)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+
+    return guard()
+
+
+def test_a_fifo_named_jpg_is_refused_at_once(tmp_path):
+    import os
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    with _alarm(5), pytest.raises(ImageError, match="not a regular file.*FIFO"):
+        load_image(fifo)
+
+
+def test_a_link_to_a_device_is_refused_without_reading(tmp_path):
+    link = tmp_path / "zero.jpg"
+    link.symlink_to("/dev/zero")
+    with _alarm(5), pytest.raises(ImageError, match="not a regular file.*device"):
+        load_image(link)
+
+
+def test_open_image_file_only_opens_regular_files(tmp_path):
+    from geoloc.images import open_image_file
+
+    good = tmp_path / "a.png"
+    Image.new("RGB", (20, 20)).save(good)
+    with open_image_file(good) as fh:
+        assert fh.read(4) == b"\x89PNG"
+    with pytest.raises(ImageError, match="directory"):
+        open_image_file(tmp_path)
