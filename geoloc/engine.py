@@ -23,7 +23,7 @@ from geoloc.backbones import Backbone, create_backbone
 from geoloc.bundle import Bundle, check_backbone, read_bundle
 from geoloc.config import Config
 from geoloc.encoder import Encoder
-from geoloc.errors import ConfigError, ImageError
+from geoloc.errors import BundleError, ConfigError, ImageError
 from geoloc.timings import StageTimes
 
 MODES = ("classify", "retrieve", "hybrid")
@@ -51,6 +51,10 @@ class Prediction:
     top_cells: list[int] = field(default_factory=list)
     candidates: list[tuple[float, float]] = field(default_factory=list)
     """The top answers' (lat, lon), best first: cell centres (classify) or matches' positions."""
+    candidate_ids: list[int] = field(default_factory=list)
+    """The top answers' ids: cell ids (classify) or database row ids (retrieve, hybrid)."""
+    candidate_scores: list[float] = field(default_factory=list)
+    """The top answers' scores (cosine to the cell, or to the database image)."""
     scanned: int = 0
     """Database vectors compared for this answer (0 for classify, N for retrieve)."""
     times: StageTimes = field(default_factory=StageTimes)
@@ -176,19 +180,25 @@ class Localizer:
             lat, lon, east, north = table.lat[c], table.lon[c], table.east[c], table.north[c]
             zone, south, score, match = table.zone[c], table.south[c], res.cell_scores[i, 0], None
             candidates = [(float(table.lat[j]), float(table.lon[j])) for j in cells]
+            ids, scores = cells, [float(x) for x in res.cell_scores[i, : len(cells)]]
         else:
             ids = [int(j) for j in res.ids[i] if j >= 0]
             if not ids:  # hybrid over cells with no images cannot happen (every kept cell has one)
-                raise RuntimeError("search returned no database match")
+                raise BundleError(f"{self.bundle.path}: the search returned no database match; the bundle is damaged, rebuild it")
             j = ids[0]
             c = int(self.bundle.filed[j])
             lat, lon, east, north = rec.lat[j], rec.lon[j], rec.east[j], rec.north[j]
             zone, south, score, match = rec.zone[j], rec.south[j], res.scores[i, 0], self.match_path(j)
             candidates = [(float(rec.lat[k]), float(rec.lon[k])) for k in ids]
+            scores = [float(x) for x in res.scores[i, : len(ids)]]
+        if not (np.isfinite(lat) and np.isfinite(lon) and np.isfinite(score)):
+            raise BundleError(f"{self.bundle.path}: the answer for {image} is not a number (lat {lat}, lon {lon}, "
+                              f"score {score}); the bundle is damaged, rebuild it")
         return Prediction(image=image, mode=mode, lat=float(lat), lon=float(lon), east=float(east), north=float(north),
                           zone=int(zone), hemisphere="S" if south else "N", cell=c,
                           cell_pq=(int(table.p[c]), int(table.q[c])), score=float(score), match=match,
-                          top_cells=cells, candidates=candidates, scanned=self._scanned(res, i, mode), times=times)
+                          top_cells=cells, candidates=candidates, candidate_ids=ids,
+                          candidate_scores=scores, scanned=self._scanned(res, i, mode), times=times)
 
     def _scanned(self, res, i: int, mode: str) -> int:  # TEMPORARY until SearchResult.scanned lands
         if hasattr(res, "scanned"):

@@ -1,0 +1,92 @@
+"""The field's evaluation: LR@N for any N and several thresholds, positives per query, a
+predictions file from which every recall can be recomputed, provenance, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from citydata import TINY_CONFIG, write_dataset
+from geoloc.build import build_index
+from geoloc.config import load_config
+from geoloc.data import load_records
+from geoloc.engine import Localizer
+from geoloc.errors import ConfigError, DatasetError
+from geoloc.evaluate import count_positives, evaluate
+from geoloc.geo import geodesic_m
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalcity")
+    write_dataset(root / "ds", seed=4)
+    rep = build_index(database=root / "ds", out=root / "tiny", config=load_config(TINY_CONFIG), progress=False)
+    return root, Localizer.load(rep.out), load_records(root / "ds", split="queries")
+
+
+def test_recalls_at_any_n_and_thresholds_recomputed_from_the_predictions_file(setup, tmp_path):
+    root, loc, q = setup
+    pred = tmp_path / "runs" / "deep" / "p.jsonl"  # parent folders are created
+    rep = evaluate(loc, q, threshold_m=25.0, thresholds_m=(50.0, 10.0), recall_values=(1, 3, 20), predictions=pred)
+    assert rep.recall_values == (1, 3, 20) and rep.thresholds_m == (25.0, 50.0, 10.0)
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert len(rows) == 3 * len(q)
+    for mode, r in rep.modes.items():
+        mine = [x for x in rows if x["mode"] == mode]
+        for t in rep.thresholds_m:
+            for n in rep.recall_values:
+                recomputed = np.mean([any(c["error_m"] <= t for c in x["top"][:n]) for x in mine])
+                assert r.recall_by_threshold[t][n] == pytest.approx(recomputed)
+        assert r.recall == r.recall_by_threshold[25.0]
+        assert r.recall[1] <= r.recall[3] <= r.recall[20]
+        assert r.recall_by_threshold[10.0][1] <= r.recall[1] <= r.recall_by_threshold[50.0][1]
+        for x in mine:  # each row carries the truth and its top answers, best first
+            assert len(x["top"]) == 20 or mode != "retrieve"  # hybrid: only what its cells hold
+            assert x["top"][0]["error_m"] == pytest.approx(x["error_m"])
+            top_err = geodesic_m(x["truth"]["lat"], x["truth"]["lon"], x["top"][0]["lat"], x["top"][0]["lon"])
+            assert float(top_err) == pytest.approx(x["error_m"], abs=1e-6)
+            scores = [c["score"] for c in x["top"]]
+            assert scores == sorted(scores, reverse=True)
+            assert (x["top"][0]["path"] is None) == (mode == "classify")
+    js = rep.to_json()
+    assert js["modes"]["retrieve"]["lr@20"] == rep.modes["retrieve"].recall[20]
+    assert js["provenance"]["bundle_manifest_sha256"] == loc.bundle.manifest["manifest_sha256"]
+    assert js["provenance"]["config"] == loc.config.to_dict() and "faiss" in js["provenance"]["versions"]
+    assert "command" in js["provenance"]
+    assert "| LR@1 | LR@3 | LR@20 |" in rep.table()
+
+
+def test_positives_equal_brute_force_geodesic_counts(setup):
+    _, loc, q = setup
+    db = loc.bundle.records
+    for radius in (10.0, 25.0, 60.0):
+        got = count_positives(db, q, radius_m=radius)
+        want = [int((geodesic_m(q.lat[i], q.lon[i], db.lat, db.lon) <= radius).sum()) for i in range(len(q))]
+        # UTM and geodesic distances differ by millimetres here; no pair sits that close to the radius
+        assert got.tolist() == want
+    rep = evaluate(loc, q, modes=("retrieve",), threshold_m=10.0)
+    assert rep.queries_without_positive == int((count_positives(db, q, radius_m=10.0) == 0).sum())
+    # a query without any positive can never be answered correctly by retrieval
+    assert rep.modes["retrieve"].recall[20] <= 1 - rep.queries_without_positive / rep.queries + 1e-9
+
+
+@pytest.mark.parametrize("kwargs", [{"threshold_m": math.nan}, {"threshold_m": -5.0}, {"threshold_m": math.inf},
+                                    {"thresholds_m": (0.0,)}, {"recall_values": (0,)}, {"recall_values": (2.5,)},
+                                    {"recall_values": ()}])
+def test_bad_settings_are_refused_before_any_work(setup, kwargs):
+    _, loc, q = setup
+    with pytest.raises(ConfigError):
+        evaluate(loc, q, **kwargs)
+
+
+def test_no_decodable_query_is_an_error_not_a_table_of_nan(setup, tmp_path):
+    _, loc, q = setup
+    bad = tmp_path / "queries"
+    bad.mkdir()
+    for name in q.paths[:3]:
+        (bad / name.split("/")[-1]).write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="none of the 3 queries could be decoded"):
+        evaluate(loc, load_records(bad, split="queries"))
