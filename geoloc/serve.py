@@ -64,7 +64,6 @@ log = logging.getLogger("geoloc.serve")
 INFO_KEYS = ("format_version", "created", "versions", "backbone", "descriptor_dim", "cells", "database")
 """Manifest keys in the summary of ``geoloc info`` and ``GET /v1/info``."""
 
-_MODES = ("classify", "retrieve", "hybrid")
 _ROUTES = ("/v1/localize", "/v1/localize/batch", "/healthz", "/readyz", "/v1/info", "/metrics")
 _FORM_FIELDS_MAX = 64 * 1024
 """Bytes of non-file multipart content (headers, boundaries, text fields) allowed per file."""
@@ -444,8 +443,10 @@ class _Service:
         return self.localizer
 
     def options(self, mode: str | None, top_cells: int | None, neighbours: bool | None) -> dict[str, Any]:
-        if mode is not None and mode not in _MODES:
-            raise _HTTPFail(422, f"unknown mode {mode!r}; choose one of {', '.join(_MODES)}")
+        from geoloc.engine import MODES
+
+        if mode is not None and mode not in MODES:
+            raise _HTTPFail(422, f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if top_cells is not None and top_cells < 1:
             raise _HTTPFail(422, f"top_cells must be at least 1, got {top_cells}")
         return {k: v for k, v in (("mode", mode), ("top_cells", top_cells), ("neighbours", neighbours)) if v is not None}

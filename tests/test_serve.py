@@ -25,7 +25,7 @@ from geoloc.cli import app as cli_app  # noqa: E402
 from geoloc.config import load_config  # noqa: E402
 from geoloc.engine import Localizer  # noqa: E402
 from geoloc.errors import ConfigError  # noqa: E402
-from geoloc.serve import INFO_KEYS, ServeSettings, ServerThread, create_app  # noqa: E402
+from geoloc.serve import INFO_KEYS, ServeSettings, ServerThread, create_app, run_server  # noqa: E402
 
 LIMIT = 64 * 1024
 MODES = ("classify", "retrieve", "hybrid")
@@ -295,3 +295,10 @@ def test_settings_and_binding_are_validated(loc):
         assert url.startswith("http://127.0.0.1:")
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
             ServerThread(create_app(loc), port=port)
+
+
+def test_run_server_refuses_a_missing_bundle_before_binding(tmp_path):
+    from geoloc.errors import BundleError
+
+    with pytest.raises(BundleError, match="no such bundle folder"):
+        run_server(index=tmp_path / "nope", port=0)
