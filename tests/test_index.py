@@ -9,9 +9,19 @@ import numpy as np
 import pytest
 
 from geoloc.cells import neighbour_table
-from geoloc.config import IndexConfig
+from geoloc.config import QUANTIZERS, IndexConfig
 from geoloc.errors import BundleError
-from geoloc.index import INDEX_FILE, CellIndex
+from geoloc.index import (
+    INDEX_FILE,
+    NEIGHBOURS_FILE,
+    PROTOTYPE_CELLS_FILE,
+    SCORERS,
+    CellIndex,
+    CellScorer,
+    StageTimes,
+    register_scorer,
+    scorer_names,
+)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -292,3 +302,196 @@ def test_gpu_equals_cpu(data: Synthetic):  # pragma: no cover - no GPU here
         a, b = cpu.search(data.xq, mode=mode, **kw), gpu.search(data.xq, mode=mode, **kw)
         assert np.array_equal(a.cell_ids, b.cell_ids), mode
         assert_same_topk(b.scores, b.ids, a.scores, a.ids, atol=1e-4)
+
+
+# --- several prototypes per cell, fused ranking, result fields, scorer registry -------------
+
+class MultiProto:
+    """Synthetic data with 1-3 prototypes per cell (shuffled rows) on top of :class:`Synthetic`.
+
+    Attributes: base (Synthetic), prototypes ``[P, D]``, prototype_cells ``[P]``.
+    """
+
+    def __init__(self, base: Synthetic, seed: int = 3):
+        rng = np.random.default_rng(seed)
+        c, d = base.prototypes.shape
+        per = rng.integers(1, 4, size=c)
+        pc = np.repeat(np.arange(c, dtype=np.int64), per)
+        protos = _normalise(base.prototypes[pc] + 0.6 * rng.normal(size=(len(pc), d)) / np.sqrt(d) * 3)
+        order = rng.permutation(len(pc))
+        self.base, self.prototypes, self.prototype_cells = base, protos[order], pc[order]
+
+    def build(self, **cfg) -> CellIndex:
+        b = self.base
+        return CellIndex.build(descriptors=b.xb, cells=b.cells, prototypes=self.prototypes, prototype_cells=self.prototype_cells,
+                               neighbours=b.neighbours, config=IndexConfig(use_gpu=False, **cfg))
+
+    def cell_scores(self, xq: np.ndarray) -> np.ndarray:
+        """Reference ``[Q, C]``: max over each cell's prototypes of the cosine."""
+        sims = xq @ self.prototypes.T
+        out = np.full((len(xq), self.prototype_cells.max() + 1), -np.inf, dtype=np.float32)
+        for j, c in enumerate(self.prototype_cells):
+            out[:, c] = np.maximum(out[:, c], sims[:, j])
+        return out
+
+
+@pytest.fixture(scope="module")
+def multi(data: Synthetic) -> MultiProto:
+    return MultiProto(data)
+
+
+def test_multi_prototype_flat_scores_equal_brute_force(multi: MultiProto):
+    idx = multi.build(quantizer="flat")
+    assert idx.nlist == multi.base.prototypes.shape[0] and len(idx.prototypes()) == len(multi.prototypes)
+    ref = multi.cell_scores(multi.base.xq)
+    for k in (1, 5, idx.nlist, idx.nlist + 3):
+        s, c = idx.score_cells(multi.base.xq, k)
+        ref_ids = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+        ref_s = np.take_along_axis(ref, ref_ids, 1)
+        if k > idx.nlist:
+            ref_ids = np.pad(ref_ids, ((0, 0), (0, k - idx.nlist)), constant_values=-1)
+            ref_s = np.pad(ref_s, ((0, 0), (0, k - idx.nlist)), constant_values=-np.inf)
+        assert_same_topk(s, c, ref_s, ref_ids)
+        assert all(len(set(r[r >= 0].tolist())) == (r >= 0).sum() for r in c)  # distinct cells
+
+
+@pytest.mark.parametrize("kind", ["lsh", "hnsw"])
+def test_multi_prototype_approximate_scorers(kind: str):
+    big = Synthetic(n_cells=1500, dim=64, per_cell=3, nq=200, noise=0.4, seed=4)
+    mp = MultiProto(big)
+    idx = mp.build(quantizer=kind, lsh_k_factor=16, hnsw_ef_search=64)
+    ref = mp.cell_scores(big.xq)
+    s, c = idx.score_cells(big.xq, 5)
+    assert (c[:, 0] == ref.argmax(1)).mean() >= 0.95
+    np.testing.assert_allclose(s, np.take_along_axis(ref, c, 1), atol=1e-5)  # exact cell scores
+    assert (np.diff(s, axis=1) <= 1e-6).all()
+
+
+def test_multi_prototype_save_load_identical(multi: MultiProto, tmp_path):
+    idx = multi.build(quantizer="flat")
+    names = {p.name for p in idx.save(tmp_path)}
+    assert names == {INDEX_FILE, NEIGHBOURS_FILE, PROTOTYPE_CELLS_FILE}
+    xq = multi.base.xq
+    for kind in ("flat", "lsh", "hnsw"):
+        again = CellIndex.load(tmp_path, config=IndexConfig(use_gpu=False, quantizer=kind))
+        assert again.quantizer_kind == kind and np.array_equal(again.prototype_cells, multi.prototype_cells)
+        if kind == "flat":
+            for kw in ({"mode": "hybrid", "top_cells": 3, "neighbours": True, "fusion_weight": 0.3}, {"mode": "classify"}):
+                a, b = idx.search(xq, **kw), again.search(xq, **kw)
+                for f in ("cell_ids", "cell_scores", "ids", "scores", "lists", "scanned"):
+                    assert np.array_equal(getattr(a, f), getattr(b, f)), (kw, f)
+    # back to one prototype per cell: the stale table is removed
+    multi.base.build(quantizer="flat").save(tmp_path)
+    assert not (tmp_path / PROTOTYPE_CELLS_FILE).exists()
+
+
+def test_damaged_prototype_cells_file_raises_bundle_error(multi: MultiProto, tmp_path):
+    multi.build(quantizer="flat").save(tmp_path)
+    np.save(tmp_path / PROTOTYPE_CELLS_FILE, multi.prototype_cells[:-1])
+    with pytest.raises(BundleError, match=PROTOTYPE_CELLS_FILE):
+        CellIndex.load(tmp_path, config=IndexConfig(use_gpu=False))
+    (tmp_path / PROTOTYPE_CELLS_FILE).unlink()
+    with pytest.raises(BundleError, match="prototypes for"):
+        CellIndex.load(tmp_path, config=IndexConfig(use_gpu=False))
+
+
+def test_prototype_cells_validation(data: Synthetic):
+    cfg = IndexConfig(use_gpu=False)
+    pc = np.arange(len(data.prototypes))
+    pc[3] = 4  # cell 3 has no prototype
+    with pytest.raises(ValueError, match="no prototype"):
+        CellIndex.build(descriptors=data.xb, cells=data.cells, prototypes=data.prototypes, prototype_cells=pc, config=cfg)
+    with pytest.raises(ValueError, match="shape"):
+        CellIndex.build(descriptors=data.xb, cells=data.cells, prototypes=data.prototypes, prototype_cells=pc[:-1], config=cfg)
+
+
+def fused_brute_force(mp: MultiProto, lists: np.ndarray, weight: float, k: int):
+    """Reference fused top-k: over the rows of each query's lists, ip + weight * exact cell score."""
+    b = mp.base
+    score = b.xq @ b.xb.T + weight * mp.cell_scores(b.xq)[:, b.cells]
+    allowed = np.zeros(score.shape, bool)
+    for i, row in enumerate(lists):
+        allowed[i] = np.isin(b.cells, row[row >= 0])
+    score = np.where(allowed, score, -np.inf).astype(np.float32)
+    ids = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(score, ids, 1), np.where(np.isfinite(np.take_along_axis(score, ids, 1)), ids, -1)
+
+
+@pytest.mark.parametrize("neighbours", [False, True])
+@pytest.mark.parametrize("weight", [0.3, 2.0])
+def test_fused_hybrid_equals_brute_force(multi: MultiProto, neighbours: bool, weight: float):
+    idx = multi.build(quantizer="flat")
+    res = idx.search(multi.base.xq, mode="hybrid", top_cells=3, k=15, neighbours=neighbours, fusion_weight=weight)
+    assert_same_topk(res.scores, res.ids, *fused_brute_force(multi, res.lists, weight, 15))
+    plain = idx.search(multi.base.xq, mode="hybrid", top_cells=3, k=15, neighbours=neighbours)
+    assert np.array_equal(res.lists, plain.lists) and np.array_equal(res.cell_ids, plain.cell_ids)
+    assert not np.array_equal(res.ids, plain.ids)  # the weight changes the ranking on this data
+
+
+def test_fusion_weight_zero_is_plain_hybrid_and_all_cells_is_retrieve(index: CellIndex, data: Synthetic):
+    for nb in (False, True):
+        a = index.search(data.xq, mode="hybrid", top_cells=3, k=10, neighbours=nb)
+        b = index.search(data.xq, mode="hybrid", top_cells=3, k=10, neighbours=nb, fusion_weight=0.0)
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.scores, b.scores)
+    full = index.search(data.xq, mode="retrieve", k=10)
+    hyb = index.search(data.xq, mode="hybrid", top_cells=index.nlist, k=10, fusion_weight=0.0)
+    assert np.array_equal(hyb.ids, full.ids) and np.array_equal(hyb.scores, full.scores)
+    with pytest.raises(ValueError, match="fusion_weight"):
+        index.search(data.xq, mode="hybrid", fusion_weight=float("nan"))
+
+
+def test_result_lists_scanned_and_times(index: CellIndex, data: Synthetic):
+    res = index.search(data.xq, mode="hybrid", top_cells=2, k=5, neighbours=True)
+    sizes = np.bincount(data.cells, minlength=index.nlist)
+    for i, row in enumerate(res.lists):
+        want = (set(res.cell_ids[i].tolist()) | set(data.neighbours[res.cell_ids[i]].ravel().tolist())) - {-1}
+        assert set(row[row >= 0].tolist()) == want
+        assert res.scanned[i] == sizes[list(want)].sum()
+    assert isinstance(res.times, StageTimes) and res.times.search_ms >= 0
+    assert set(res.timings_ms) >= {"cells", "search"} and res.timings_ms["cells"] == res.times.cells_ms
+    ret = index.search(data.xq, mode="retrieve", k=5)
+    assert (ret.scanned == index.ntotal).all() and ret.lists.shape == (len(data.xq), 0)
+    cls = index.search(data.xq, mode="classify")
+    assert (cls.scanned == 0).all() and cls.times.search_ms == 0.0
+
+
+def test_registering_a_scorer_is_one_class(data: Synthetic, tmp_path):
+    """A new scorer (fp16 codes, exact enough) works through build, search and save/load untouched."""
+
+    @register_scorer("fp16_test")
+    class Fp16Scorer(CellScorer):
+        @classmethod
+        def empty(cls, d, config):
+            return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+
+        @classmethod
+        def owns(cls, index):
+            return isinstance(index, faiss.IndexScalarQuantizer)
+
+        def flat_storage(self):
+            return None
+
+    # geoloc.config checks index.quantizer against its own closed list when a config is made;
+    # a scorer that ships in geoloc.index.scorers is added there too (test_config_knows_every_scorer)
+    cfg = IndexConfig(use_gpu=False)
+    cfg.quantizer = "fp16_test"
+    try:
+        assert "fp16_test" in scorer_names()
+        idx = CellIndex.build(descriptors=data.xb, cells=data.cells, prototypes=data.prototypes, neighbours=data.neighbours,
+                              config=cfg)
+        assert idx.quantizer_kind == "fp16_test"
+        res = idx.search(data.xq, mode="classify", top_cells=3)
+        ref = data.xq @ data.prototypes.T
+        assert (res.cell_ids[:, 0] == ref.argmax(1)).mean() >= 0.95
+        np.testing.assert_allclose(res.cell_scores, np.take_along_axis(ref, res.cell_ids, 1), atol=2e-3)
+        idx.save(tmp_path)
+        again = CellIndex.load(tmp_path, config=cfg)
+        assert np.array_equal(again.search(data.xq, mode="hybrid", top_cells=3).ids, idx.search(data.xq, mode="hybrid", top_cells=3).ids)
+    finally:
+        SCORERS.pop("fp16_test")
+    with pytest.raises(ValueError, match="index.quantizer must be one of"):
+        CellIndex.build(descriptors=data.xb, cells=data.cells, prototypes=data.prototypes, config=cfg)
+
+
+def test_config_knows_every_scorer():
+    assert set(QUANTIZERS) == set(scorer_names())

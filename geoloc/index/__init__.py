@@ -35,9 +35,25 @@ Where this sits in the engine: ``docs/architecture.md``.
 from geoloc.index.cellindex import MODES, CellIndex
 from geoloc.index.io import INDEX_FILE, NEIGHBOURS_FILE, PROTOTYPE_CELLS_FILE
 from geoloc.index.result import SearchResult, StageTimes
-from geoloc.index.scorers import SCORERS, CellScorer, register_scorer, resolve_scorer_name, scorer_names
+from geoloc.index.scorers import (
+    SCORERS,
+    CellScorer,
+    register_scorer,
+    resolve_scorer_name,
+    scorer_names,
+)
 
 __all__ = [
-    "CellIndex", "SearchResult", "StageTimes", "INDEX_FILE", "NEIGHBOURS_FILE", "PROTOTYPE_CELLS_FILE", "MODES",
-    "CellScorer", "register_scorer", "SCORERS", "scorer_names", "resolve_scorer_name",
+    "INDEX_FILE",
+    "MODES",
+    "NEIGHBOURS_FILE",
+    "PROTOTYPE_CELLS_FILE",
+    "SCORERS",
+    "CellIndex",
+    "CellScorer",
+    "SearchResult",
+    "StageTimes",
+    "register_scorer",
+    "resolve_scorer_name",
+    "scorer_names",
 ]

@@ -12,20 +12,28 @@ import faiss
 import numpy as np
 from faiss.contrib import ivf_tools
 
-from geoloc.config import IndexConfig
+from geoloc.config import MODES, IndexConfig
 from geoloc.errors import BundleError
 from geoloc.index import lists as L
-from geoloc.index.checks import check_cells, check_k, check_matrix, check_neighbours, check_prototype_cells
+from geoloc.index.checks import (
+    check_cells,
+    check_k,
+    check_matrix,
+    check_neighbours,
+    check_prototype_cells,
+)
 from geoloc.index.gpu import GpuMirror, gpu_available
 from geoloc.index.io import load_index, save_index
 from geoloc.index.result import SearchResult, StageTimes
 from geoloc.index.retrieve import FlatView
-from geoloc.index.scorers import SCORERS, PrototypeCells, resolve_scorer_name, scorer_for_index
+from geoloc.index.scorers import (
+    SCORERS,
+    PrototypeCells,
+    resolve_scorer_name,
+    scorer_for_index,
+)
 
-__all__ = ["CellIndex", "MODES"]
-
-MODES = ("classify", "retrieve", "hybrid")
-"""Search modes (local until geoloc.config defines them)."""
+__all__ = ["MODES", "CellIndex"]
 
 
 class CellIndex:
@@ -56,7 +64,7 @@ class CellIndex:
     @classmethod
     def build(cls, *, descriptors: np.ndarray, cells: np.ndarray, prototypes: np.ndarray,
               prototype_cells: np.ndarray | None = None, neighbours: np.ndarray | None = None,
-              config: IndexConfig) -> "CellIndex":
+              config: IndexConfig) -> CellIndex:
         """File every database descriptor under its cell and index the prototypes for scoring.
 
         Args:
@@ -84,7 +92,7 @@ class CellIndex:
         return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells)
 
     @classmethod
-    def load(cls, folder: Path, *, config: IndexConfig) -> "CellIndex":
+    def load(cls, folder: Path, *, config: IndexConfig) -> CellIndex:
         """Read a folder written by :meth:`save`.
 
         The cell scorer follows ``config``: when it asks for another scorer than the stored one,

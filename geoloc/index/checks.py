@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NORM_TOL", "check_matrix", "check_k", "check_cells", "check_neighbours", "check_prototype_cells"]
+__all__ = ["NORM_TOL", "check_cells", "check_k", "check_matrix", "check_neighbours", "check_prototype_cells"]
 
 NORM_TOL = 1e-3
 """Largest accepted deviation of a row norm from 1 for inputs that must be L2-normalised."""

@@ -14,7 +14,7 @@ import numpy as np
 from geoloc.config import IndexConfig
 from geoloc.index.scorers import CellScorer
 
-__all__ = ["gpu_available", "GpuMirror"]
+__all__ = ["GpuMirror", "gpu_available"]
 
 
 def gpu_available(config: IndexConfig) -> bool:

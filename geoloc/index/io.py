@@ -19,7 +19,7 @@ import numpy as np
 from geoloc.errors import BundleError
 from geoloc.index.checks import check_neighbours, check_prototype_cells
 
-__all__ = ["INDEX_FILE", "NEIGHBOURS_FILE", "PROTOTYPE_CELLS_FILE", "save_index", "load_index"]
+__all__ = ["INDEX_FILE", "NEIGHBOURS_FILE", "PROTOTYPE_CELLS_FILE", "load_index", "save_index"]
 
 INDEX_FILE = "index.faiss"
 NEIGHBOURS_FILE = "cell_neighbours.npy"

@@ -21,8 +21,15 @@ import numpy as np
 from faiss.contrib import inspect_tools, ivf_tools
 
 __all__ = [
-    "make_ivf", "list_sizes", "cell_members", "all_vectors", "distinct_positions", "dedup_rows",
-    "ring_lists", "search_preassigned", "search_fused",
+    "all_vectors",
+    "cell_members",
+    "dedup_rows",
+    "distinct_positions",
+    "list_sizes",
+    "make_ivf",
+    "ring_lists",
+    "search_fused",
+    "search_preassigned",
 ]
 
 

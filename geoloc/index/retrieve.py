@@ -10,7 +10,7 @@ faster than scanning every list one query at a time.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import faiss
 import numpy as np

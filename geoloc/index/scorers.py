@@ -22,7 +22,8 @@ the best cosine over its prototypes) and turns a prototype shortlist into distin
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import faiss
 import numpy as np
@@ -31,18 +32,28 @@ from geoloc.config import IndexConfig
 from geoloc.index.lists import distinct_positions
 
 __all__ = [
-    "CellScorer", "register_scorer", "SCORERS", "scorer_names", "resolve_scorer_name", "scorer_for_index",
-    "FlatScorer", "LSHScorer", "HNSWScorer", "GpuExactScorer", "PrototypeCells", "GPU_MAX_K",
+    "GPU_MAX_K",
+    "SCORERS",
+    "CellScorer",
+    "FlatScorer",
+    "GpuExactScorer",
+    "HNSWScorer",
+    "LSHScorer",
+    "PrototypeCells",
+    "register_scorer",
+    "resolve_scorer_name",
+    "scorer_for_index",
+    "scorer_names",
 ]
 
-SCORERS: dict[str, type["CellScorer"]] = {}
+SCORERS: dict[str, type[CellScorer]] = {}
 """Registered scorer classes by name (``config.quantizer`` values besides ``auto``)."""
 
 GPU_MAX_K = 2048
 """Largest k a FAISS GPU flat search accepts; longer shortlists are cut there (and -1 padded)."""
 
 
-def register_scorer(name: str) -> Callable[[type["CellScorer"]], type["CellScorer"]]:
+def register_scorer(name: str) -> Callable[[type[CellScorer]], type[CellScorer]]:
     """Class decorator: register a :class:`CellScorer` subclass under ``name``."""
 
     def deco(cls: type[CellScorer]) -> type[CellScorer]:
@@ -70,7 +81,7 @@ def resolve_scorer_name(config: IndexConfig, n_cells: int) -> str:
     return name
 
 
-def scorer_for_index(index: faiss.Index) -> type["CellScorer"] | None:
+def scorer_for_index(index: faiss.Index) -> type[CellScorer] | None:
     """The registered class whose structure ``index`` (a stored quantizer) has, or None."""
     index = faiss.downcast_index(index)
     return next((cls for cls in SCORERS.values() if cls.owns(index)), None)
@@ -90,6 +101,7 @@ class CellScorer:
         self.index = faiss.downcast_index(index)
         self.config = config
         self._params: dict[int, faiss.SearchParameters | None] = {}  # per shortlist length, read-only once made
+        self._protos: np.ndarray | None = None
 
     def cached_params(self, m: int) -> faiss.SearchParameters | None:
         """:meth:`params` made once per ``m`` and shared read-only between threads."""
@@ -142,20 +154,27 @@ class CellScorer:
         return dist
 
     # -- contents ----------------------------------------------------------------------------
-    def flat_storage(self) -> faiss.IndexFlat:
-        """The exact float32 copy of the prototypes inside the scorer's index."""
+    def flat_storage(self) -> faiss.IndexFlat | None:
+        """The exact float32 copy of the prototypes inside the scorer's index (None: there is none)."""
         return self.index
 
     def prototypes(self) -> np.ndarray:
-        """``[P, D]`` float32 view of the stored prototypes (no copy; read-only use)."""
-        flat = faiss.downcast_index(self.flat_storage())
-        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        """``[P, D]`` float32 prototypes, read-only use: a view of the flat storage (no copy), or
+        one reconstructed copy kept for later calls when the index stores codes only."""
+        if self._protos is None:
+            flat = self.flat_storage()
+            if flat is None:
+                self._protos = self.index.reconstruct_n(0, self.index.ntotal)
+            else:
+                flat = faiss.downcast_index(flat)
+                self._protos = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        return self._protos
 
     def memory_bytes(self) -> int:
         """Bytes held: the float32 prototypes plus the scorer's own structure."""
         return int(self.index.ntotal) * int(self.index.d) * 4
 
-    def to_gpu(self, resources) -> "GpuExactScorer":  # pragma: no cover - needs a GPU
+    def to_gpu(self, resources) -> GpuExactScorer:  # pragma: no cover - needs a GPU
         """GPU variant; default: exact cosine over all prototypes (the answers of ``flat``)."""
         return GpuExactScorer(resources, self.prototypes())
 
