@@ -74,7 +74,8 @@ def test_gmberton_name():
         ("@543256.96@4178906.70@ten@S@@@.jpg", "zone number"),
         ("@543256.96@4178906.70@10@I@@@.jpg", "zone letter"),
         ("@543256.96@4178906.70@10@@@@.jpg", "zone letter"),
-        ("@543256.96@4178906.70@.jpg", "not a VPR name"),
+        ("@543256.96.jpg", "not a VPR name"),
+        ("@543256.96@4178906.70@.jpg", "--utm-zone"),  # minimal name, no zone given
         ("@543256.96@4178906.70@10@S@37.7@x@.jpg", "longitude"),
         ("@543256.96@4178906.70@10@S@37.75705@@.jpg", "only one of latitude"),
         ("@543256.96@4178906.70@10@M@37.75705@-122.50039@.jpg", "m from the UTM"),  # wrong hemisphere
@@ -107,8 +108,7 @@ def test_split_subfolders(tmp_path):
     with pytest.raises(DatasetError, match="split="):
         load_records(tmp_path)  # both present: refuse to mix them
     assert len(load_records(tmp_path / "queries", split="queries")) == 3  # pointing at the split folder itself
-    with pytest.raises(DatasetError, match="no database/"):
-        load_records(tmp_path / "queries" / "sub", split="database")
+    assert len(load_records(tmp_path / "queries" / "sub", split="database")) == 3  # any folder: read whole
     with pytest.raises(DatasetError, match="split must be"):
         load_records(tmp_path, split="train")
 
@@ -256,8 +256,10 @@ def test_csv_split_column(tmp_path):
     assert load_records(p, split="queries").paths == ["b.jpg"]
     assert len(load_records(p)) == 3
     q = _csv(tmp_path, "path,lat,lon\na.jpg,55,13\n", "q.csv")
-    with pytest.raises(DatasetError, match="no 'split' column"):
-        load_records(q, split="queries")
+    assert load_records(q, split="queries").paths == ["a.jpg"]  # no split column: the CSV is one set
+    with pytest.raises(DatasetError) as err:
+        load_records(_csv(tmp_path, "path,lat,lon,split\na.jpg,55,13,train\n", "t.csv"), split="queries")
+    assert "'train'" in _one_line_naming(err, "t.csv", "no rows with split 'queries'")
 
 
 # -- EXIF GPS ------------------------------------------------------------------------------------
@@ -266,12 +268,11 @@ def test_csv_split_column(tmp_path):
 def _exif_jpeg(path, lat, lon, *, refs=None, direction=None):
     from PIL.TiffImagePlugin import IFDRational
 
-    def dms(x):
-        x = abs(x)
-        d = int(x)
-        m = int((x - d) * 60)
-        s = (x - d - m / 60) * 3600
-        return (IFDRational(d, 1), IFDRational(m, 1), IFDRational(round(s * 10000), 10000))
+    def dms(x):  # rounded to 1e-4 s first, so seconds never read 60.0000 (refused as corrupt)
+        t = round(abs(x) * 3600 * 10000)
+        d, t = divmod(t, 3600 * 10000)
+        m, s = divmod(t, 60 * 10000)
+        return (IFDRational(d, 1), IFDRational(m, 1), IFDRational(s, 10000))
 
     exif = Image.Exif()
     gps = exif.get_ifd(0x8825)
