@@ -198,19 +198,7 @@ class Localizer:
                           zone=int(zone), hemisphere="S" if south else "N", cell=c,
                           cell_pq=(int(table.p[c]), int(table.q[c])), score=float(score), match=match,
                           top_cells=cells, candidates=candidates, candidate_ids=ids,
-                          candidate_scores=scores, scanned=self._scanned(res, i, mode), times=times)
-
-    def _scanned(self, res, i: int, mode: str) -> int:  # TEMPORARY until SearchResult.scanned lands
-        if hasattr(res, "scanned"):
-            return int(res.scanned[i])
-        if mode == "retrieve":
-            return len(self.bundle.records)
-        if mode == "classify":
-            return 0
-        ring = self.bundle.table.neighbours()
-        lists = np.asarray([c for c in res.cell_ids[i] if c >= 0])
-        lists = np.union1d(lists, ring[lists].ravel()) if self.config.query.neighbours else lists
-        return int(self.bundle.table.n_images[lists[lists >= 0]].sum())
+                          candidate_scores=scores, scanned=int(res.scanned[i]), times=times)
 
     def match_path(self, row: int) -> str:
         return str(self.bundle.records.abspath(row))
