@@ -495,3 +495,13 @@ def test_registering_a_scorer_is_one_class(data: Synthetic, tmp_path):
 
 def test_config_knows_every_scorer():
     assert set(QUANTIZERS) == set(scorer_names())
+
+
+def test_tuned_shares_lists_and_changes_only_search_parameters(data: Synthetic):
+    h = data.build(quantizer="hnsw", hnsw_ef_search=16)
+    wide = h.tuned(hnsw_ef_search=256)
+    assert wide.faiss_index is h.faiss_index and wide.quantizer_kind == "hnsw"
+    exact = data.build(quantizer="flat").search(data.xq, mode="classify", top_cells=5)
+    assert np.array_equal(wide.search(data.xq, mode="classify", top_cells=5).cell_ids, exact.cell_ids)
+    with pytest.raises(ValueError, match="lsh_k_factor: not a per-call parameter of the hnsw"):
+        h.tuned(lsh_k_factor=4)

@@ -5,6 +5,7 @@ The layout is explained in the package docstring (:mod:`geoloc.index`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -111,6 +112,23 @@ class CellIndex:
             # an empty new quantizer is trained and filled with the stored prototypes
             ivf_tools.replace_ivf_quantizer(ivf, wanted.empty(int(ivf.d), config))
         return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells)
+
+    def tuned(self, **search_params: float) -> CellIndex:
+        """This index with other per-call search parameters of its cell scorer (e.g.
+        ``hnsw_ef_search=64`` or ``lsh_k_factor=32``): the lists and the scorer's structure are
+        shared, nothing is copied, and both indexes may be searched at once.
+
+        Raises:
+            ValueError: a key that is not a per-call parameter of this index's scorer.
+        """
+        allowed = type(self._scorer).search_keys
+        bad = sorted(set(search_params) - set(allowed))
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not a per-call parameter of the {self.quantizer_kind} cell scorer "
+                             f"(it has: {', '.join(allowed) or 'none'})")
+        config = dataclasses.replace(self._config, **search_params)
+        pc = None if self._cells.identity else self._cells.cells
+        return CellIndex(self._ivf, neighbours=self._neighbours, config=config, prototype_cells=pc)
 
     def save(self, folder: Path) -> list[Path]:
         """Write ``index.faiss`` (+ ``cell_neighbours.npy``, ``prototype_cells.npy`` when present).

@@ -96,6 +96,8 @@ class CellScorer:
     """
 
     name: ClassVar[str] = ""
+    search_keys: ClassVar[tuple[str, ...]] = ()
+    """``IndexConfig`` keys read per call (changeable on a built index with ``CellIndex.tuned``)."""
 
     def __init__(self, index: faiss.Index, config: IndexConfig) -> None:
         self.index = faiss.downcast_index(index)
@@ -221,6 +223,8 @@ class LSHScorer(CellScorer):
     L2, which on unit vectors is ``2 - 2 cos``: the returned scores are exact cosines.
     """
 
+    search_keys = ("lsh_k_factor",)
+
     @classmethod
     def empty(cls, d: int, config: IndexConfig) -> faiss.Index:
         bits = int(config.lsh_bits) or max(256, d)
@@ -256,6 +260,8 @@ class HNSWScorer(CellScorer):
     Per call ``efSearch = max(config.hnsw_ef_search, m)``. Scores are exact cosines of the
     prototypes found; a prototype the graph misses is not returned.
     """
+
+    search_keys = ("hnsw_ef_search",)
 
     @classmethod
     def empty(cls, d: int, config: IndexConfig) -> faiss.Index:
