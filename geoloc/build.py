@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from geoloc.backbones import create_backbone
-from geoloc.bundle import write_bundle
+from geoloc.bundle import build_lock, check_output, write_bundle
 from geoloc.cells import build_cells
 from geoloc.config import Config
 from geoloc.data import load_records
@@ -56,8 +56,20 @@ def work_dir(out: Path) -> Path:
 
 def build_index(*, database: str | Path, out: str | Path, config: Config, progress: bool = True,
                 log: Callable[[str], None] = lambda _m: None) -> BuildReport:
-    """Build a bundle at ``out`` from the images and positions of ``database``."""
+    """Build a bundle at ``out`` from the images and positions of ``database``.
+
+    ``out`` is checked before any work (:func:`geoloc.bundle.check_output`: only a missing
+    path, an empty folder or a bundle geoloc wrote may be replaced) and locked for the whole
+    build (:func:`geoloc.bundle.build_lock`: a second build of the same ``out`` is refused).
+    """
     out = Path(out)
+    check_output(out)
+    with build_lock(out):
+        return _build(database=database, out=out, config=config, progress=progress, log=log)
+
+
+def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
+           log: Callable[[str], None]) -> BuildReport:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
