@@ -55,7 +55,7 @@ class UtmZone:
         return f"{self.number}{self.band or ('south' if self.south else 'north')}"
 
 
-_ZONE_RE = re.compile(r"\s*(\d{1,2})\s*([A-Za-z]*)\s*")
+_ZONE_RE = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
 
 
 def parse_utm_zone(text: str | UtmZone) -> UtmZone:
@@ -69,17 +69,15 @@ def parse_utm_zone(text: str | UtmZone) -> UtmZone:
     if isinstance(text, UtmZone):
         return text
     m = _ZONE_RE.fullmatch(str(text))
-    if m is not None and 1 <= int(m.group(1)) <= 60:
-        number, suffix = int(m.group(1)), m.group(2).upper()
-        if suffix in ("NORTH", "SOUTH"):
-            return UtmZone(number, suffix == "SOUTH")
-        if suffix == "N":
-            return UtmZone(number, False)
-        if len(suffix) == 1:
-            try:
-                return UtmZone(number, zone_letter_is_south(suffix), suffix)
-            except ValueError:
-                pass
+    number = _zone_number(m.group(1)) if m else None
+    if number is not None:
+        suffix = m.group(2).upper()
+        south = _hemisphere_south(suffix) if suffix != "S" else None
+        if south is not None:
+            return UtmZone(number, south)
+        south = _band_south(suffix)
+        if south is not None:
+            return UtmZone(number, south, suffix)
     raise DatasetError(f"utm_zone {str(text)!r} is not a UTM zone; expected the zone number 1..60 with its latitude "
                        "band letter C..X (10S) or hemisphere (32N, 56south)")
 
@@ -159,10 +157,16 @@ def split_zone_letter(values: list[str]) -> tuple[list[str], list[str]]:
     return zones, letters
 
 
+def invalid_latlon(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: lat/lon NaN, infinite, or outside the UTM range (:data:`geoloc.geo.UTM_LAT_MIN` ..
+    :data:`~geoloc.geo.UTM_LAT_MAX`, longitude -180..180)."""
+    return ~(np.isfinite(lat) & np.isfinite(lon)) | (lat < UTM_LAT_MIN) | (lat > UTM_LAT_MAX) | (lon < -180) | (lon > 180)
+
+
 def check_latlon_rows(lat: np.ndarray, lon: np.ndarray, rows: np.ndarray | None = None, *, where: Where) -> None:
     """Raise naming the first of ``rows`` (``[N]`` bool, default all) whose ``[N]`` lat/lon is NaN or
     outside the UTM range; the message is :func:`geoloc.geo.check_latlon`'s."""
-    bad = ~(np.isfinite(lat) & np.isfinite(lon)) | (lat < UTM_LAT_MIN) | (lat > UTM_LAT_MAX) | (lon < -180) | (lon > 180)
+    bad = invalid_latlon(lat, lon)
     if rows is not None:
         bad &= rows
     if bad.any():
@@ -202,7 +206,7 @@ def utm_positions(east: np.ndarray, north: np.ndarray, zone: np.ndarray, south: 
         raise DatasetError(f"{where(i)}: UTM position ({east[i]}, {north[i]}) is out of range "
                            "(expected 0 < east < 1,000,000 m and 0 <= north <= 10,000,000 m)")
     lat, lon = utm_to_latlon(east, north, zone, south)
-    bad = ~(np.isfinite(lat) & np.isfinite(lon)) | (lat < UTM_LAT_MIN) | (lat > UTM_LAT_MAX)
+    bad = invalid_latlon(lat, lon)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DatasetError(f"{where(i)}: UTM position falls at latitude {lat[i]:.4f}, outside the UTM range "

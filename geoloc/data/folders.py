@@ -28,7 +28,7 @@ import numpy as np
 
 from geoloc.data.exif import read_exif
 from geoloc.data.fields import UtmZone
-from geoloc.data.files import IMAGE_EXTENSIONS, MAX_LINE_CHARS, one_line, read_text_lines
+from geoloc.data.files import IMAGE_EXTENSIONS, MAX_LINE_CHARS, one_line, one_line_errors, read_text_lines
 from geoloc.data.vpr import VPR_FORMAT, is_vpr_name, vpr_positions
 from geoloc.errors import DatasetError
 from geoloc.geo import latlon_to_utm
@@ -61,7 +61,11 @@ def resolve_layout(src: Path, split: str | None) -> tuple[Path, str]:
         return src / split, split + "/"
     other = next(s for s in SPLITS if s != split)
     if has[other]:
-        subs = sorted(e.name + "/" for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
+        try:
+            with os.scandir(src) as it:
+                subs = sorted(e.name + "/" for e in it if not e.name.startswith(".") and e.is_dir())
+        except OSError:
+            subs = []
         raise DatasetError(f"{src}: holds {other}/ but no {split}/; point at the {split} folder itself "
                            f"(subfolders here: {', '.join(subs[:8])})")
     return src, ""
@@ -72,6 +76,7 @@ def file_list_path(folder: Path) -> Path:
     return Path(os.path.abspath(folder) + FILE_LIST_SUFFIX)
 
 
+@one_line_errors
 def list_images(folder: Path) -> list[str]:
     """Image files under ``folder`` (recursive, following links once), as sorted POSIX paths
     relative to it. Hidden files and folders (``.name``) are skipped, and so is anything with an
@@ -171,7 +176,7 @@ def folder_images(folder: Path) -> list[str]:
     """:func:`read_file_list` when ``<folder>_images_paths.txt`` exists, else :func:`list_images`."""
     lst = file_list_path(folder)
     if lst.exists():
-        log.info("%s: image paths read from %s", folder, lst)
+        log.info("%s: image paths read from %s", one_line(str(folder)), one_line(str(lst)))
         return read_file_list(lst, folder)
     return list_images(folder)
 
