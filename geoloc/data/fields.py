@@ -311,7 +311,8 @@ def _zone_and_hemisphere(n: int, zone: list[str] | None, band: list[str] | None,
                       "give the zone of the data or leave utm_zone unset")
     default = "" if utm_zone is None else "S" if utm_zone.south else "N"
     hemi_s = [h.strip() or default for h in hemisphere] if hemisphere is not None else [default] * n
-    keys = [("band", b) if b or not h else ("hemisphere", h) for b, h in zip(band_s, hemi_s)]
+    blank = "hemisphere" if hemisphere is not None and band is None else "band"  # names the missing field
+    keys = [("band", b) if b else ("hemisphere", h) if h else (blank, "") for b, h in zip(band_s, hemi_s)]
     table = {k: (_band_south(k[1]) if k[0] == "band" else _hemisphere_south(k[1])) for k in set(keys)}
     i = next((i for i, k in enumerate(keys) if table[k] is None), None)
     if i is not None:
