@@ -18,7 +18,7 @@ from geoloc.index import (
     SCORERS,
     CellIndex,
     CellScorer,
-    StageTimes,
+    SearchTimes,
     register_scorer,
     scorer_names,
 )
@@ -447,7 +447,7 @@ def test_result_lists_scanned_and_times(index: CellIndex, data: Synthetic):
         want = (set(res.cell_ids[i].tolist()) | set(data.neighbours[res.cell_ids[i]].ravel().tolist())) - {-1}
         assert set(row[row >= 0].tolist()) == want
         assert res.scanned[i] == sizes[list(want)].sum()
-    assert isinstance(res.times, StageTimes) and res.times.search_ms >= 0
+    assert isinstance(res.times, SearchTimes) and res.times.search_ms >= 0
     assert set(res.timings_ms) >= {"cells", "search"} and res.timings_ms["cells"] == res.times.cells_ms
     ret = index.search(data.xq, mode="retrieve", k=5)
     assert (ret.scanned == index.ntotal).all() and ret.lists.shape == (len(data.xq), 0)

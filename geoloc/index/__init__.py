@@ -34,7 +34,7 @@ Where this sits in the engine: ``docs/architecture.md``.
 
 from geoloc.index.cellindex import MODES, CellIndex
 from geoloc.index.io import INDEX_FILE, NEIGHBOURS_FILE, PROTOTYPE_CELLS_FILE
-from geoloc.index.result import SearchResult, StageTimes
+from geoloc.index.result import SearchResult, SearchTimes
 from geoloc.index.scorers import (
     SCORERS,
     CellScorer,
@@ -52,7 +52,7 @@ __all__ = [
     "CellIndex",
     "CellScorer",
     "SearchResult",
-    "StageTimes",
+    "SearchTimes",
     "register_scorer",
     "resolve_scorer_name",
     "scorer_names",

@@ -25,7 +25,7 @@ from geoloc.index.checks import (
 )
 from geoloc.index.gpu import GpuMirror, gpu_available
 from geoloc.index.io import load_index, save_index
-from geoloc.index.result import SearchResult, StageTimes
+from geoloc.index.result import SearchResult, SearchTimes
 from geoloc.index.retrieve import FlatView
 from geoloc.index.scorers import (
     SCORERS,
@@ -271,7 +271,7 @@ class CellIndex:
         if mode == "classify":
             b = len(queries)
             return SearchResult(ci, cs, np.empty((b, 0), np.int64), np.empty((b, 0), np.float32),
-                                np.empty((b, 0), np.int64), np.zeros(b, np.int64), StageTimes(cells_ms=(t1 - t0) * 1e3))
+                                np.empty((b, 0), np.int64), np.zeros(b, np.int64), SearchTimes(cells_ms=(t1 - t0) * 1e3))
         return self._hybrid(queries, cs, ci, k, neighbours, w, t0)
 
     def _retrieve(self, queries: np.ndarray, k: int) -> SearchResult:
@@ -283,7 +283,7 @@ class CellIndex:
         t2 = time.perf_counter()
         empty_i, empty_f = np.empty((b, 0), np.int64), np.empty((b, 0), np.float32)
         return SearchResult(empty_i, empty_f, ids, scores, empty_i, np.full(b, self.ntotal, np.int64),
-                            StageTimes(search_ms=(t2 - t1) * 1e3, prepare_ms=(t1 - t0) * 1e3))
+                            SearchTimes(search_ms=(t2 - t1) * 1e3, prepare_ms=(t1 - t0) * 1e3))
 
     def _hybrid(self, queries: np.ndarray, cs: np.ndarray, ci: np.ndarray, k: int, neighbours: bool,
                 weight: float, t0: float) -> SearchResult:
@@ -302,7 +302,7 @@ class CellIndex:
             scores, ids = L.search_fused(index, queries, lists, bonus, k)
         t2 = time.perf_counter()
         return SearchResult(ci, cs, ids, scores, lists, self._scanned(lists),
-                            StageTimes(cells_ms=(t1 - t0) * 1e3, search_ms=(t2 - t1) * 1e3))
+                            SearchTimes(cells_ms=(t1 - t0) * 1e3, search_ms=(t2 - t1) * 1e3))
 
     def _list_scores(self, queries: np.ndarray, lists: np.ndarray, cs: np.ndarray, ci: np.ndarray) -> np.ndarray:
         """Cell score of every searched list ``[B, W]``: the scored top cells' own scores, exact

@@ -1,4 +1,4 @@
-"""What a search answers: :class:`SearchResult` and its per-stage wall times :class:`StageTimes`."""
+"""What a search answers: :class:`SearchResult` and its per-stage wall times :class:`SearchTimes`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["SearchResult", "StageTimes"]
+__all__ = ["SearchResult", "SearchTimes"]
 
 
 @dataclass(frozen=True)
-class StageTimes:
+class SearchTimes:
     """Wall time of one batch's stages, in milliseconds (for the whole batch, not per query).
 
     Attributes:
@@ -52,7 +52,7 @@ class SearchResult:
     scores: np.ndarray
     lists: np.ndarray
     scanned: np.ndarray
-    times: StageTimes = field(default_factory=StageTimes)
+    times: SearchTimes = field(default_factory=SearchTimes)
 
     @property
     def timings_ms(self) -> dict[str, float]:
