@@ -4,10 +4,11 @@
 2. build the bundle with the offline efficientnet_lite0 backbone (reusing cached features);
 3. evaluate classify, retrieve and hybrid on the queries and print the comparison table;
 4. localise one query and say where it was and where the engine put it;
-5. draw a contact sheet of database/query images and a map of cells, truths and answers.
+5. draw a contact sheet of query/answer pairs marked right or wrong, a map of the wrong
+   answers' errors, and an error histogram per mode.
 
-Everything lands in ``runs/demo/`` (and the bundle in ``indexes/demo/``); a second run
-reuses what the first built.
+Everything lands in ``runs/demo/`` (and the bundle in ``indexes/demo/``) under the current
+directory; a second run reuses what the first built.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import numpy as np
 from geoloc.bundle import read_manifest
 from geoloc.config import load_config
 from geoloc.errors import GeolocError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _city(out: Path, params: dict, log) -> Path:
@@ -60,39 +59,11 @@ def _bundle(city: Path, out: Path, config_path: Path, log) -> Path:
     return out
 
 
-def _map(loc, queries, preds: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = loc.bundle.table
-    e0, n0 = float(t.east.min()), float(t.north.min())
-    fig, ax = plt.subplots(figsize=(9, 9), dpi=110)
-    ax.scatter(t.east - e0, t.north - n0, s=4, c="#c8c8c8", marker="s", label=f"cells ({len(t)})")
-    truth = np.array([[queries.east[i] - e0, queries.north[i] - n0] for i in range(len(queries))])
-    guess = np.array([[p["east"] - e0, p["north"] - n0] for p in preds])
-    ok = np.array([p["error_m"] <= 25 for p in preds])
-    for (a, b), good in zip(zip(truth, guess), ok):
-        ax.plot([a[0], b[0]], [a[1], b[1]], lw=0.5, c="#2a9d8f" if good else "#e76f51", alpha=0.6)
-    ax.scatter(truth[:, 0], truth[:, 1], s=9, c="#264653", label="query: true position")
-    ax.scatter(guess[:, 0], guess[:, 1], s=12, c=np.where(ok, "#2a9d8f", "#e76f51"), marker="x",
-               label="hybrid answer (green: within 25 m)")
-    ax.set_aspect("equal")
-    ax.set_xlabel(f"UTM east - {e0:.0f} m (zone {int(t.zone[0])})")
-    ax.set_ylabel(f"UTM north - {n0:.0f} m")
-    ax.set_title(f"demo city: {len(t)} cells of {t.size_m:g} m, {len(queries)} queries, hybrid LR@1 {ok.mean():.2f}")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def run(*, workdir: Path, index: Path, config: Path, city_params: dict, log=print) -> dict:
     from geoloc.data import load_records
     from geoloc.engine import Localizer
     from geoloc.evaluate import evaluate
-    from geoloc.synth import contact_sheet
+    from geoloc.visualize import answer_sheet, error_histogram, error_map, read_predictions
 
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -123,24 +94,20 @@ def run(*, workdir: Path, index: Path, config: Path, city_params: dict, log=prin
     log(f"      truth   {queries.lat[i]:.6f}, {queries.lon[i]:.6f}")
     log(f"      answer  {p.lat:.6f}, {p.lon:.6f}  (hybrid, cell {p.cell}, score {p.score:.3f}) -> {err:.1f} m off")
     log(f"      match   {Path(p.match).name}")
-    log(f"      ms      " + ", ".join(f"{k} {v:.1f}" for k, v in p.timings_ms.items()))
+    log("      ms      " + ", ".join(f"{k} {v:.1f}" for k, v in p.timings_ms.items()))
 
     log("[5/5] pictures")
-    rows = [json.loads(x) for x in pred_file.read_text().splitlines()]
+    rows = read_predictions(pred_file)
     hybrid = [r for r in rows if r["mode"] == "hybrid"]
-    by_path = {queries.paths[j]: j for j in range(len(queries))}
-    from geoloc.geo import latlon_to_utm
-
-    east, north, _, _ = latlon_to_utm(np.array([r["lat"] for r in hybrid]), np.array([r["lon"] for r in hybrid]))
-    for r, e, n in zip(hybrid, east, north):
-        r["east"], r["north"] = float(e), float(n)
-    qsub = queries.subset(np.array([by_path[r["query"]] for r in hybrid], dtype=np.int64))
-    _map(loc, qsub, hybrid, workdir / "map.png")
-    db = loc.bundle.records
-    picks = [db.abspath(j) for j in np.linspace(0, len(db) - 1, 16).astype(int)]
-    picks += [queries.abspath(j) for j in np.linspace(0, len(queries) - 1, 16).astype(int)]
-    contact_sheet(picks, workdir / "contact_sheet.png", cols=8)
-    log(f"      {workdir / 'map.png'}\n      {workdir / 'contact_sheet.png'}")
+    t = loc.bundle.table
+    pictures = [
+        answer_sheet(hybrid, workdir / "contact_sheet.png"),
+        error_map(hybrid, workdir / "map.png", cells_latlon=np.stack([t.lat, t.lon], 1), threshold_m=rep.threshold_m,
+                  title=f"demo city, hybrid: {len(t)} cells of {t.size_m:g} m, {len(hybrid)} queries, "
+                        f"LR@1 {rep.modes['hybrid'].recall[1]:.2f}; red: the wrong answers"),
+        error_histogram(rows, workdir / "errors.png", threshold_m=rep.threshold_m),
+    ]
+    log("      " + "\n      ".join(str(p) for p in pictures))
     log(f"\ndone in {time.perf_counter() - t0:.0f} s. The table is in {results_file}")
     return results
 
@@ -164,9 +131,9 @@ def _machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "demo")
-    ap.add_argument("--index", type=Path, default=REPO / "indexes" / "demo")
-    ap.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    ap.add_argument("--workdir", type=Path, default=Path("runs") / "demo")
+    ap.add_argument("--index", type=Path, default=Path("indexes") / "demo")
+    ap.add_argument("--config", default="demo", help="preset name or YAML file")
     ap.add_argument("--extent-m", type=float, default=600.0)
     ap.add_argument("--spacing-m", type=float, default=5.0)
     ap.add_argument("--headings", type=int, default=4)

@@ -235,7 +235,7 @@ def _prediction_line(loc: Localizer, q: Records, i: int, pred, errors: np.ndarra
                     "cell": ident if pred.mode == "classify" else int(loc.bundle.filed[ident]),
                     "lat": lat, "lon": lon, "score": pred.candidate_scores[r], "error_m": float(err),
                     "correct": bool(err <= threshold)})
-    return {"query": q.paths[i], "mode": pred.mode, "truth": {"lat": float(q.lat[i]), "lon": float(q.lon[i])},
+    return {"query": q.paths[i], "query_path": str(q.abspath(i)), "mode": pred.mode, "truth": {"lat": float(q.lat[i]), "lon": float(q.lon[i])},
             "positives": positives, "lat": pred.lat, "lon": pred.lon, "cell": pred.cell, "match": pred.match,
             "error_m": float(errors[0]) if len(errors) else None, "correct": bool(len(errors) and errors[0] <= threshold),
             "top": top}

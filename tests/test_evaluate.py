@@ -90,3 +90,29 @@ def test_no_decodable_query_is_an_error_not_a_table_of_nan(setup, tmp_path):
         (bad / name.split("/")[-1]).write_bytes(b"not an image")
     with pytest.raises(DatasetError, match="none of the 3 queries could be decoded"):
         evaluate(loc, load_records(bad, split="queries"))
+
+
+def test_pictures_of_a_result(setup, tmp_path):
+    from PIL import Image
+
+    from geoloc.visualize import answer_sheet, error_histogram, error_map, prediction_strips, read_predictions
+
+    _, loc, q = setup
+    evaluate(loc, q, predictions=tmp_path / "p.jsonl")
+    rows = read_predictions(tmp_path / "p.jsonl")
+    retrieve = [r for r in rows if r["mode"] == "retrieve"]
+    strips = prediction_strips(retrieve, tmp_path / "strips", n=3)
+    assert len(strips) == len(q)
+    with Image.open(strips[0]) as im:
+        assert im.size == (4 * 192 + 3 * 8, 192)
+        # the first match's frame is green when it is within the threshold, red otherwise
+        frame = im.getpixel((192 + 8 + 2, 96))
+        want = (42, 157, 143) if retrieve[0]["top"][0]["correct"] else (231, 111, 81)
+        assert frame == want
+    wrong = prediction_strips(retrieve, tmp_path / "wrong", n=3, only_wrong=True)
+    assert len(wrong) == sum(not r["correct"] for r in retrieve)
+    assert prediction_strips([r for r in rows if r["mode"] == "classify"], tmp_path / "none") == []  # no images
+    for path in (answer_sheet(retrieve, tmp_path / "sheet.png"), error_map(retrieve, tmp_path / "map.png"),
+                 error_histogram(rows, tmp_path / "hist.png")):
+        with Image.open(path) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
