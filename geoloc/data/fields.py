@@ -37,8 +37,8 @@ BAND_SLACK_DEG = 8.0
 """How far (one band) a position read with a ``utm_zone`` band letter may fall outside that band.
 Wide enough for a dataset straddling a band edge, narrow enough to catch the wrong hemisphere."""
 
-UTM_ZONE_HELP = ("pass --utm-zone (config key data.utm_zone), e.g. 10S: the zone number with its latitude band "
-                 "letter C..X, or with the hemisphere as 10N/10north/10south")
+UTM_ZONE_HELP = ("pass --utm-zone (config key data.utm_zone), e.g. 10S: the zone number and its latitude band "
+                 "letter (C..M south, N..X north)")
 
 
 @dataclass(frozen=True)
