@@ -1,204 +1,498 @@
 """The ``geoloc`` command: a thin shell over the library (geoloc.build, geoloc.engine, ...).
 
-Every command runs inside :func:`_user_errors`, the one boundary where a
-:class:`~geoloc.errors.GeolocError` becomes a single ``error: ...`` line on stderr and an
-exit code; nothing reaches the user as a traceback.
+One boundary, :class:`_Group`, turns every expected failure into one ``error: ...`` line on
+stderr and the exit code of :mod:`geoloc.errors` (usage/config 2, bad input 3, partial
+success 4, output not writable 5, interrupted 130): a :class:`~geoloc.errors.GeolocError`, a
+click usage error (unknown flag, ``--mode foo``), an ``OSError`` on a file.
+
+Each command checks everything it can before the expensive work: the whole config
+(defaults < ``--config`` < flags < ``--set``), the choices, the output paths, and that faiss
+imports. ``query`` and ``eval`` start from the bundle's own build config and accept only the
+keys that can change after a build (``runtime=True`` in :mod:`geoloc.config`: ``query.*``,
+``index.*``, ``backbone.device/batch_size/num_workers``, ``data.utm_zone``); a ``--set`` of
+any other key is refused, and a ``--config`` file may hold build keys only where they agree
+with the bundle.
+
+Short flags mean the same in every command: ``-c --config``, ``-d --database``,
+``-i --index``, ``-o --out``, ``-m --mode``, ``-k --top-cells``, ``-q --quiet``; ``--json``
+always prints JSON (only JSON) to stdout.
 """
 
 from __future__ import annotations
 
+import errno
+import inspect
 import json
+import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, List, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from geoloc.config import Config, load_config
-from geoloc.errors import GeolocError, ImageError
+try:  # typer >= 0.20 carries its own copy of click; its exceptions are the ones raised
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as _cx
+
+from geoloc import __version__
+from geoloc.config import MODES, Config, Override, build_time_keys, collect_overrides, list_presets
+from geoloc.errors import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_PARTIAL, EXIT_USAGE, BundleError,
+                           ConfigError, DependencyError, GeolocError, ImageError, OutputError, one_line)
+
+out = Console()
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_NO_SPACE = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+def _fail(message: str, code: int) -> None:
+    message = message.replace("Value error, ", "")  # typer's pydantic-style wording of a bad choice
+    sys.stdout.flush()
+    typer.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
+class _Group(TyperGroup):
+    """The one exception boundary (see the module docstring)."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _cx.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(EXIT_USAGE)
+        except _cx.UsageError as e:
+            where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            argv = list(sys.argv[1:] if args is None else args)
+            if e.ctx is not None and e.ctx.info_name == "eval" and "--json" in argv and "extra argument" in str(e):
+                where = "; eval --json now prints the results to stdout: write them to a file with --out FILE"
+            _fail(f"{e.format_message()}{where}", EXIT_USAGE)
+        except _cx.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except typer.Abort:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GeolocError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except OSError as e:
+            if e.errno in (errno.EPIPE,) or (e.filename is None and e.errno not in _NO_SPACE):
+                raise
+            what = f"{e.filename}: " if e.filename else ""
+            code = EXIT_OUTPUT if e.errno in _NO_SPACE else EXIT_INPUT
+            _fail(f"{what}{e.strerror or e}; free space or check the path and its permissions", code)
+
 
 app = typer.Typer(
     name="geoloc",
+    cls=_Group,
     help="Where was this street photo taken? Classify the map cell, then retrieve inside it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"geoloc {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Where was this street photo taken? Classify the map cell, then retrieve inside it.
+
+    Exit codes: 0 ok, 2 usage or config, 3 bad or damaged input, 4 partial success
+    (some inputs skipped), 5 output not writable or no space, 130 interrupted.
+    """
+
+
+# -- options shared by the commands ---------------------------------------------------------------
+_DEFAULTS = Config()
+ModeName = Literal[MODES]  # type: ignore[valid-type]
+EvalMode = Literal[(*MODES, "all")]  # type: ignore[valid-type]
+
+
+def _cfg_opt(key: str, *decls: str, help: str, of: str = "the config's", **kw: Any) -> Any:
+    """An option that sets config ``key``; --help shows the default as ``key = value``."""
+    value = _DEFAULTS.get(key)
+    shown = str(value).lower() if isinstance(value, bool) else (f"{value:g}" if isinstance(value, float) else value)
+    return typer.Option(None, *decls, help=f"{help} Config key {key}.", show_default=f"{shown!s} or {of}"
+                        if shown != "" else "from the data", **kw)
+
+
+def ConfigOpt() -> Any:  # noqa: N802 - a factory of typer options
+    return typer.Option(None, "--config", "-c", show_default=False,
+                        help=f"YAML config file, or a preset name: {', '.join(list_presets())}.")
+
+
+def SetOpt() -> Any:  # noqa: N802
+    return typer.Option(None, "--set", show_default=False, metavar="SECTION.KEY=VALUE",
+                        help="Override any config key (repeatable); see geoloc/configs/default.yaml.")
+
+
+def QuietOpt() -> Any:  # noqa: N802
+    return typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
+
+
+def _mode_opt(*, with_all: bool, default: Any) -> Any:
+    return typer.Option(default, "--mode", "-m",
+                        help="Query mode" + (" (all: each mode in turn)." if with_all else ". Config key query.mode."),
+                        show_default=default if default else f"{_DEFAULTS.query.mode} or the bundle's")
+
+
+def _build_config(config: Optional[str], sets: Optional[List[str]], flags: dict[str, tuple[str, Any]]) -> Config:
+    """Defaults < --config < flags < --set, every value checked (ConfigError naming it)."""
+    return Config().apply_overrides(collect_overrides(config, flags=flags, sets=sets or ()))
+
+
+def _require_faiss() -> None:
+    """One line saying what to install when faiss is missing or broken."""
     try:
-        yield
-    except GeolocError as e:
-        err.print(f"error: {e}", markup=False)
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
-        raise typer.Exit(130) from None
+        import faiss  # noqa: F401
+    except ImportError as e:
+        missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "faiss"
+        what = "is not installed" if missing else f"cannot be imported ({one_line(str(e))[:160]})"
+        raise DependencyError(f"the faiss module {what}; install it with pip install -e \".[cpu]\" "
+                              "(or \".[gpu]\" with CUDA) in the checkout, or pip install \"geoloc[cpu]\"") from None
 
 
-def _config(config: Optional[Path], sets: Optional[List[str]], **flags) -> Config:
-    cfg = load_config(config, sets or ())
-    pairs = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    return cfg.override(pairs)
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (presets in configs/).")
-SetOpt = typer.Option(None, "--set", help="Override any config key: section.key=value (repeatable).")
+def _check_out_dir(path: Path, flag: str) -> None:
+    """``flag`` names a folder to write: refuse, before any work, a file in its place or a
+    parent that cannot be written (read-only file system, permissions)."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path}: an existing file, not a folder; pass a folder path (e.g. indexes/city)")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise OutputError(f"{flag} {path}: {base} is a file, not a folder; pass another path")
+    for p in {base, path} if path.is_dir() else {base}:
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise OutputError(f"{flag} {path}: {p} is not writable (read-only file system or permissions); "
+                              "pass a writable path")
 
 
+def _prepare_out_file(path: Optional[Path], flag: str) -> None:
+    """``flag`` names a file to write: create its parent folder; refuse, before any work, a
+    folder in its place or a place that cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a folder; pass a file path such as runs/x.json")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise OutputError(f"{flag} {path}: {base} is a file, not a folder; pass another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot create its folder ({e.strerror}); pass a writable path") from None
+    target = path if path.exists() else path.parent
+    if not os.access(target, os.W_OK):
+        raise OutputError(f"{flag} {path}: not writable (read-only file system or permissions); pass a writable path")
+
+
+# -- build-index ----------------------------------------------------------------------------------
 @app.command("build-index")
 def build_index_cmd(
-    database: str = typer.Option(..., "--database", "-d", help="Image folder (VPR names or EXIF GPS) or CSV."),
+    database: str = typer.Option(..., "--database", "-d", help="Dataset folder (VPR names or EXIF GPS) or CSV."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write, e.g. indexes/city."),
-    config: Optional[Path] = ConfigOpt,
-    backbone: Optional[str] = typer.Option(None, help="Backbone name (efficientnet_lite0, dinov2_vits14, ...)."),
-    cell_size: Optional[float] = typer.Option(None, "--cell-size", help="Cell side M in metres."),
-    groups: Optional[int] = typer.Option(None, "--groups", help="N: cells split into N x N groups."),
-    min_images: Optional[int] = typer.Option(None, "--min-images-per-cell", help="Drop cells with fewer images."),
-    sets: Optional[List[str]] = SetOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or training log."),
+    config: Optional[str] = ConfigOpt(),
+    backbone: Optional[str] = _cfg_opt("backbone.name", "--backbone", help="Backbone name."),
+    cell_size: Optional[float] = _cfg_opt("cells.size_m", "--cell-size", help="Cell side M in metres."),
+    groups: Optional[int] = _cfg_opt("cells.groups", "--groups", help="N: cells split into N x N groups."),
+    min_images: Optional[int] = _cfg_opt("cells.min_images_per_cell", "--min-images-per-cell",
+                                         help="Cells with fewer images are not classes."),
+    utm_zone: Optional[str] = _cfg_opt("data.utm_zone", "--utm-zone",
+                                       help="UTM zone of images named only @east@north@, e.g. 10S."),
+    device: Optional[str] = _cfg_opt("backbone.device", "--device", help="auto, cpu, cuda or cuda:N."),
+    sets: Optional[List[str]] = SetOpt(),
+    quiet: bool = QuietOpt(),
 ) -> None:
     """Extract descriptors, train the cell heads, build the cell-partitioned index, write the bundle."""
+    cfg = _build_config(config, sets, {"--backbone": ("backbone.name", backbone), "--cell-size": ("cells.size_m", cell_size),
+                                       "--groups": ("cells.groups", groups),
+                                       "--min-images-per-cell": ("cells.min_images_per_cell", min_images),
+                                       "--utm-zone": ("data.utm_zone", utm_zone), "--device": ("backbone.device", device)})
+    _check_out_dir(out_dir, "--out")
+    _require_faiss()
     from geoloc.build import build_index
 
-    with _user_errors():
-        cfg = _config(config, sets, **{"backbone.name": backbone, "cells.size_m": cell_size, "cells.groups": groups,
-                                      "cells.min_images_per_cell": min_images})
-        rep = build_index(database=database, out=out_dir, config=cfg, progress=not quiet,
-                          log=(lambda m: None) if quiet else (lambda m: err.print(m, markup=False)))
-        t = Table(title=f"bundle written: {rep.out}", show_header=False)
-        for k, v in [("images used", rep.images_used), ("images skipped", rep.images_skipped),
-                     ("cells", rep.cells), ("groups", rep.groups),
-                     ("images in dropped cells (filed in nearest cell)", rep.images_in_dropped_cells),
-                     ("descriptor dim", rep.descriptor_dim), ("feature chunks reused", rep.reused_feature_chunks)]:
-            t.add_row(k, str(v))
-        for stage, s in rep.timings_s.items():
-            t.add_row(f"time: {stage}", f"{s:.2f} s")
-        if rep.train and rep.train.history:
-            last = rep.train.history[-1]
-            t.add_row("train: final loss / held-out LR@1", f"{last['loss']:.4f} / {last['val_lr@1']:.3f}")
-        out.print(t)
-        if rep.images_skipped:
-            err.print(f"skipped {rep.images_skipped} unreadable images; reasons in {rep.out / 'skipped.json'}",
-                      markup=False)
+    rep = build_index(database=database, out=out_dir, config=cfg, progress=not quiet,
+                      log=(lambda m: None) if quiet else (lambda m: err.print(m, markup=False)))
+    t = Table(title=f"bundle written: {rep.out}", show_header=False)
+    for k, v in [("images used", rep.images_used), ("images skipped", rep.images_skipped),
+                 ("cells", rep.cells), ("groups", rep.groups),
+                 ("images in dropped cells (filed in nearest cell)", rep.images_in_dropped_cells),
+                 ("descriptor dim", rep.descriptor_dim), ("feature chunks reused", rep.reused_feature_chunks)]:
+        t.add_row(k, str(v))
+    for stage, s in rep.timings_s.items():
+        t.add_row(f"time: {stage}", f"{s:.2f} s")
+    if rep.train and rep.train.history:
+        last = rep.train.history[-1]
+        t.add_row("train: final loss / held-out LR@1", f"{last['loss']:.4f} / {last['val_lr@1']:.3f}")
+    out.print(t)
+    if rep.images_skipped:
+        err.print(f"skipped {rep.images_skipped} unreadable images; reasons in {rep.out / 'skipped.json'}",
+                  markup=False)
+
+
+# -- query and eval: a built bundle plus query-time overrides --------------------------------------
+def _refuse_build_keys(overrides: list[Override]) -> None:
+    """--set and flags may only name keys that apply to a built bundle."""
+    for o in overrides:
+        if o.source.startswith("-") and build_time_keys([o.key]):
+            raise ConfigError(f"{o.source} {o.key}={one_line(str(o.value))}: cannot apply to a built bundle "
+                              f"({o.key} is fixed when the bundle is built); rebuild with geoloc build-index, or "
+                              f"set only query-time keys: query.*, index.*, backbone.device/batch_size/num_workers, "
+                              "data.utm_zone")
+
+
+def _bundle_config(index: Path, overrides: list[Override]) -> Config:
+    """The bundle's own build config with the user's query-time ``overrides`` applied.
+
+    A build-time key from a ``--config`` file is accepted only where it equals the bundle's."""
+    from geoloc.bundle import MANIFEST, read_manifest
+
+    manifest = read_manifest(index)
+    try:
+        cfg = Config.from_dict(manifest.get("config") or {}, source=one_line(str(index / MANIFEST)))
+    except ConfigError as e:
+        raise BundleError(f"{e}; the bundle was written by another geoloc version or edited, rebuild it") from None
+    probe = Config()
+    for o in overrides:
+        probe.set(o.key, o.value, source=o.source)
+        if build_time_keys([o.key]):
+            mine, theirs = probe.get(o.key), cfg.get(o.key)
+            if mine != theirs:
+                raise ConfigError(f"{o.source}: {o.key} = {mine!r} differs from the bundle's {theirs!r} "
+                                  f"({one_line(str(index))}); build settings cannot change after the build: drop "
+                                  "the key from the config file or rebuild with geoloc build-index")
+        else:
+            cfg.set(o.key, o.value, source=o.source)
+    return cfg
+
+
+def _query_config(index: Path, config: Optional[str], sets: Optional[List[str]],
+                  flags: dict[str, tuple[str, Any]]) -> Config:
+    """Check the user's config layers (values, then build-time keys), then faiss, then read
+    the bundle's manifest: all before any model or index is loaded."""
+    overrides = collect_overrides(config, flags=flags, sets=sets or ())
+    Config().apply_overrides(overrides)  # every value checked, whatever the bundle holds
+    _refuse_build_keys(overrides)
+    _require_faiss()
+    return _bundle_config(index, overrides)
 
 
 @app.command("query")
 def query_cmd(
     images: List[Path] = typer.Argument(..., help="Image files to localise."),
     index: Path = typer.Option(..., "--index", "-i", help="Bundle folder."),
-    mode: Optional[str] = typer.Option(None, "--mode", "-m", help="classify | retrieve | hybrid"),
-    top_cells: Optional[int] = typer.Option(None, "--top-cells", "-k", help="Hybrid: cells to search."),
-    neighbours: Optional[bool] = typer.Option(None, "--neighbours/--no-neighbours",
-                                              help="Hybrid: also search each top cell's 8 neighbours."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
-    sets: Optional[List[str]] = SetOpt,
+    config: Optional[str] = ConfigOpt(),
+    mode: Optional[ModeName] = _mode_opt(with_all=False, default=None),
+    top_cells: Optional[int] = _cfg_opt("query.top_cells", "--top-cells", "-k", help="Hybrid: cells to search.", of="the bundle's"),
+    neighbours: Optional[bool] = typer.Option(None, "--neighbours/--no-neighbours", show_default="the bundle's",
+                                              help="Hybrid: also search each top cell's 8 neighbours. "
+                                                   "Config key query.neighbours."),
+    device: Optional[str] = _cfg_opt("backbone.device", "--device", help="auto, cpu, cuda or cuda:N.", of="the bundle's"),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list to stdout instead of the text."),
+    sets: Optional[List[str]] = SetOpt(),
 ) -> None:
-    """Localise images against a bundle. Bad images get one error line each; the rest are answered."""
+    """Localise images against a bundle. Bad images get one error line each (exit 4); the rest are answered."""
+    cfg = _query_config(index, config, sets, {"--mode": ("query.mode", mode), "--top-cells": ("query.top_cells", top_cells),
+                                              "--neighbours": ("query.neighbours", neighbours),
+                                              "--device": ("backbone.device", device)})
     from geoloc.engine import Localizer
 
-    with _user_errors():
-        loc = Localizer.load(index)
-        loc.config.override(sets or ())
-        results = loc.localize([str(p) for p in images], mode=mode, top_cells=top_cells, neighbours=neighbours)
-        good = [r for r in results if not isinstance(r, ImageError)]
-        for r in results:
-            if isinstance(r, ImageError):
-                err.print(f"error: {r}", markup=False)
-        if as_json:
-            typer.echo(json.dumps([p.to_json() for p in good], indent=2))
-        else:
-            for p in good:
-                stages = "  ".join(f"{k} {v:.1f}" for k, v in p.timings_ms.items())
-                out.print(f"[bold]{p.image}[/bold]  ({p.mode})\n"
-                          f"  lat/lon  {p.lat:.6f}, {p.lon:.6f}   UTM {p.zone}{p.hemisphere} {p.east:.1f} E {p.north:.1f} N\n"
-                          f"  cell     {p.cell} (p={p.cell_pq[0]}, q={p.cell_pq[1]})   score {p.score:.3f}\n"
-                          f"  match    {p.match or '-'}\n  ms       {stages}", highlight=False)
-        if len(good) < len(results):
-            raise typer.Exit(2)
+    loc = Localizer.load(index, config=cfg)
+    q = cfg.query
+    results = loc.localize([str(p) for p in images], mode=q.mode, top_cells=q.top_cells, neighbours=q.neighbours)
+    good = [r for r in results if not isinstance(r, ImageError)]
+    for r in results:
+        if isinstance(r, ImageError):
+            err.print(f"error: {one_line(str(r))}", markup=False)
+    if as_json:
+        typer.echo(json.dumps([p.to_json() for p in good], indent=2))
+    else:
+        for p in good:
+            stages = "  ".join(f"{k} {v:.1f}" for k, v in p.timings_ms.items())
+            out.print(f"[bold]{p.image}[/bold]  ({p.mode})\n"
+                      f"  lat/lon  {p.lat:.6f}, {p.lon:.6f}   UTM {p.zone}{p.hemisphere} {p.east:.1f} E {p.north:.1f} N\n"
+                      f"  cell     {p.cell} (p={p.cell_pq[0]}, q={p.cell_pq[1]})   score {p.score:.3f}\n"
+                      f"  match    {p.match or '-'}\n  ms       {stages}", highlight=False)
+    if len(good) < len(results):
+        raise typer.Exit(EXIT_PARTIAL if good else EXIT_INPUT)
+
+
+def _load_queries(source: str, utm_zone: str) -> Any:
+    from geoloc.data import load_records
+
+    kw: dict[str, Any] = {"split": "queries"}
+    if utm_zone:
+        if "utm_zone" not in inspect.signature(load_records).parameters:
+            raise ConfigError("--utm-zone / data.utm_zone: this geoloc's dataset reader cannot take a zone yet; "
+                              "name the images with their zone (@east@north@zone@band@...)")
+        kw["utm_zone"] = utm_zone
+    return load_records(source, **kw)
 
 
 @app.command("eval")
 def eval_cmd(
     index: Path = typer.Option(..., "--index", "-i", help="Bundle folder."),
-    queries: str = typer.Option(..., "--queries", "-q", help="Query folder or CSV with true positions."),
-    mode: str = typer.Option("all", "--mode", "-m", help="classify | retrieve | hybrid | all"),
-    top_cells: Optional[int] = typer.Option(None, "--top-cells", "-k"),
-    neighbours: Optional[bool] = typer.Option(None, "--neighbours/--no-neighbours"),
-    threshold_m: float = typer.Option(25.0, "--threshold-m", help="Distance under which an answer is correct."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    queries: str = typer.Option(..., "--queries", help="Query folder or CSV with true positions."),
+    config: Optional[str] = ConfigOpt(),
+    mode: EvalMode = _mode_opt(with_all=True, default="all"),
+    top_cells: Optional[int] = _cfg_opt("query.top_cells", "--top-cells", "-k", help="Hybrid: cells to search.", of="the bundle's"),
+    neighbours: Optional[bool] = typer.Option(None, "--neighbours/--no-neighbours", show_default="the bundle's",
+                                              help="Hybrid: also search each top cell's 8 neighbours."),
+    threshold_m: Optional[float] = _cfg_opt("query.threshold_m", "--threshold-m",
+                                            help="Distance in metres under which an answer is correct.", of="the bundle's"),
+    utm_zone: Optional[str] = _cfg_opt("data.utm_zone", "--utm-zone",
+                                       help="UTM zone of queries named only @east@north@, e.g. 10S."),
+    device: Optional[str] = _cfg_opt("backbone.device", "--device", help="auto, cpu, cuda or cuda:N.", of="the bundle's"),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON to stdout instead of the table."),
+    results_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON to this file."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write one JSON line per query and mode."),
+    sets: Optional[List[str]] = SetOpt(),
+    quiet: bool = QuietOpt(),
 ) -> None:
     """LR@1/5/10, median error and ms per query per stage, for each mode."""
-    from geoloc.data import load_records
-    from geoloc.engine import MODES, Localizer
+    cfg = _query_config(index, config, sets, {
+        "--top-cells": ("query.top_cells", top_cells), "--neighbours": ("query.neighbours", neighbours),
+        "--threshold-m": ("query.threshold_m", threshold_m), "--utm-zone": ("data.utm_zone", utm_zone),
+        "--device": ("backbone.device", device)})
+    if results_out is not None and predictions is not None and results_out.absolute() == predictions.absolute():
+        raise OutputError(f"--out and --predictions both name {results_out}; pass two different files")
+    _prepare_out_file(results_out, "--out")
+    _prepare_out_file(predictions, "--predictions")
+    from geoloc.engine import Localizer
     from geoloc.evaluate import evaluate
 
-    with _user_errors():
-        if mode != "all" and mode not in MODES:
-            raise GeolocError(f"unknown --mode {mode!r}; choose classify, retrieve, hybrid or all")
-        loc = Localizer.load(index)
-        q = load_records(queries, split="queries")
-        rep = evaluate(loc, q, modes=MODES if mode == "all" else (mode,), top_cells=top_cells, neighbours=neighbours,
-                       threshold_m=threshold_m, predictions=predictions)
-        out.print(f"{rep.queries} queries, threshold {threshold_m:g} m, top cells {rep.top_cells}")
+    loc = Localizer.load(index, config=cfg)
+    q = _load_queries(queries, cfg.data.utm_zone)
+    q_cfg = cfg.query
+    with _progress(quiet, "embedding queries") as tick:
+        rep = evaluate(loc, q, modes=MODES if mode == "all" else (mode,), top_cells=q_cfg.top_cells,
+                       neighbours=q_cfg.neighbours, threshold_m=q_cfg.threshold_m, predictions=predictions,
+                       progress=tick)
+    results = json.dumps(rep.to_json(), indent=2)
+    summary = f"{rep.queries} queries, threshold {q_cfg.threshold_m:g} m, top cells {rep.top_cells}"
+    if as_json:
+        typer.echo(results)
+        err.print(summary, markup=False)
+    else:
+        out.print(summary, highlight=False)
         typer.echo(rep.table())
-        if rep.skipped:
-            err.print(f"skipped {len(rep.skipped)} unreadable queries (first: {rep.skipped[0][0]}: {rep.skipped[0][1]})",
-                      markup=False)
-        if json_out:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(rep.to_json(), indent=2), encoding="utf-8")
-            out.print(f"results written to {json_out}")
+    if rep.skipped:
+        err.print(f"skipped {len(rep.skipped)} unreadable queries (first: {one_line(str(rep.skipped[0][0]))}: "
+                  f"{one_line(str(rep.skipped[0][1]))})", markup=False)
+    if results_out is not None:
+        try:
+            results_out.write_text(results + "\n", encoding="utf-8")
+        except OSError as e:
+            if not as_json:
+                typer.echo(results)  # the results are not lost: they go to stdout
+            raise OutputError(f"--out {results_out}: cannot be written ({e.strerror}); the results JSON was printed "
+                              "to stdout instead") from None
+        err.print(f"results written to {results_out}", markup=False)
+    if rep.skipped:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
+class _progress:
+    """A progress bar on stderr fed by ``tick(done, total)``; nothing when ``quiet``."""
+
+    def __init__(self, quiet: bool, label: str) -> None:
+        self.quiet, self.label, self.bar, self.task = quiet or not sys.stderr.isatty(), label, None, None
+
+    def __enter__(self) -> Any:
+        if self.quiet:
+            return None
+        from rich.progress import Progress
+
+        self.bar = Progress(console=err, transient=True)
+        self.bar.__enter__()
+        return self.tick
+
+    def tick(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task(self.label, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+# -- info, synth-city -------------------------------------------------------------------------------
 @app.command("info")
-def info_cmd(index: Path = typer.Argument(..., help="Bundle folder.")) -> None:
-    """Verify a bundle and print its manifest summary."""
+def info_cmd(
+    index: Path = typer.Argument(..., help="Bundle folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the manifest summary as JSON."),
+) -> None:
+    """Verify a bundle's checksums and print its manifest summary."""
+    _require_faiss()
     from geoloc.bundle import read_manifest, verify_files
 
-    with _user_errors():
-        m = read_manifest(index)
-        verify_files(index, m)
-        summary = {k: m[k] for k in ("format_version", "created", "versions", "backbone", "descriptor_dim", "cells",
+    m = read_manifest(index)
+    verify_files(index, m)
+    summary = {k: m.get(k) for k in ("format_version", "created", "versions", "backbone", "descriptor_dim", "cells",
                                      "database")}
+    if as_json:
         typer.echo(json.dumps(summary, indent=2))
-        out.print(f"all {len(m['files'])} files match their checksums")
+        return
+    t = Table(title=f"bundle {one_line(str(index))}", show_header=False)
+    for k, v in summary.items():
+        t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    out.print(t)
+    out.print(f"all {len(m['files'])} files match their checksums", highlight=False)
 
 
 @app.command("synth-city")
 def synth_city_cmd(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write database/, queries/, aerial/ and CSVs."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1),
     extent_m: float = typer.Option(1000.0, "--extent-m", help="Side of the square city, metres."),
     spacing_m: float = typer.Option(5.0, "--spacing-m", help="Distance between database viewpoints."),
-    shift: str = typer.Option("mild", "--shift", help="Query domain shift: none | mild | strong."),
-    n_queries: int = typer.Option(500, "--queries"),
+    shift: Literal["none", "mild", "strong"] = typer.Option("mild", "--shift",
+                              help="Query domain shift."),
+    n_queries: int = typer.Option(500, "--queries", help="Number of query images."),
     headings: int = typer.Option(4, "--headings", help="Database headings per viewpoint."),
-    workers: int = typer.Option(1, "--workers", help="Processes (output is identical for any count)."),
+    workers: int = typer.Option(1, "--workers", min=1, max=256, help="Processes (output is identical for any count)."),
+    quiet: bool = QuietOpt(),
 ) -> None:
     """Generate a geotagged synthetic city (the embedded default dataset)."""
+    _check_out_dir(out_dir, "--out")
     from geoloc.synth import generate_city
 
-    with _user_errors():
-        info = generate_city(out=out_dir, seed=seed, extent_m=extent_m, spacing_m=spacing_m, shift=shift,
-                             n_queries=n_queries, headings=headings, workers=workers)
-        out.print(f"{info.n_database} database images, {info.n_queries} queries, {info.n_aerial} aerial tiles "
-                  f"in {out_dir} ({info.seconds:.1f} s, {info.images_per_second:.0f} images/s)")
+    info = generate_city(out=out_dir, seed=seed, extent_m=extent_m, spacing_m=spacing_m, shift=shift,
+                         n_queries=n_queries, headings=headings, workers=workers, progress=not quiet)
+    out.print(f"{info.n_database} database images, {info.n_queries} queries, {info.n_aerial} aerial tiles "
+              f"in {out_dir} ({info.seconds:.1f} s, {info.images_per_second:.0f} images/s)")
 
 
 def main() -> None:
-    """Console entry point."""
-    try:
-        app()
-    except GeolocError as e:  # raised outside a command's boundary (should not happen)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    """Console entry point (``geoloc`` and ``python -m geoloc``)."""
+    app()
+

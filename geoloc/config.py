@@ -27,7 +27,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence, get_type_hints
+from typing import Any, Iterable, NamedTuple, Sequence, get_type_hints
 
 import yaml
 
@@ -284,6 +284,12 @@ class Config:
             self.set(key, value, source=source)
         return self
 
+    def apply_overrides(self, overrides: Iterable["Override"]) -> "Config":
+        """Set each :class:`Override` in order, checked, errors naming its source."""
+        for o in overrides:
+            self.set(o.key, o.value, source=o.source)
+        return self
+
     def override(self, assignments: Sequence[str]) -> "Config":
         """Apply ``section.key=value`` strings in place (values parsed for the key's type)."""
         for key, value in parse_sets(assignments):
@@ -306,6 +312,30 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Defaults, then the YAML file or preset (if any), then ``section.key=value`` overrides."""
     cfg = Config.from_yaml(path) if path else Config()
     return cfg.override(list(overrides))
+
+
+class Override(NamedTuple):
+    """One user-set value and where it came from (a file path, ``--set``, or a flag name)."""
+
+    key: str
+    value: Any
+    source: str
+
+
+def collect_overrides(path: str | Path | None = None, *, flags: dict[str, tuple[str, Any]] | None = None,
+                      sets: Sequence[str] = ()) -> list[Override]:
+    """The user's layers in precedence order: the file or preset, then the CLI flags
+    (``{flag: (key, value)}``, None values skipped), then ``--set`` items. Nothing is checked
+    against a :class:`Config` yet (see :meth:`Config.apply_overrides`), but names are."""
+    layers: list[Override] = []
+    if path:
+        p = resolve_config_path(path)
+        layers += [Override(k, v, _show(p)) for k, v in flatten(read_yaml(p), source=_show(p))]
+    for flag, (key, value) in (flags or {}).items():
+        if value is not None:
+            layers.append(Override(key, value, flag))
+    layers += [Override(k, v, "--set") for k, v in parse_sets(sets)]
+    return layers
 
 
 # -- keys -----------------------------------------------------------------------------------------
