@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from geoloc.cli import app as cli_app  # noqa: E402
 from geoloc.config import load_config  # noqa: E402
 from geoloc.engine import Localizer  # noqa: E402
 from geoloc.errors import ConfigError  # noqa: E402
-from geoloc.serve import INFO_KEYS, ServeSettings, ServerThread, create_app, run_server  # noqa: E402
+from geoloc.serve import INFO_KEYS, ServeSettings, ServerThread, bind_socket, create_app, run_server  # noqa: E402
 
 LIMIT = 64 * 1024
 MODES = ("classify", "retrieve", "hybrid")
@@ -295,6 +296,20 @@ def test_settings_and_binding_are_validated(loc):
         assert url.startswith("http://127.0.0.1:")
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
             ServerThread(create_app(loc), port=port)
+
+
+def test_listening_socket_gets_tcp_nodelay_connections():
+    # asyncio sets TCP_NODELAY only on connections of IPPROTO_TCP sockets; with proto 0 every
+    # response body waited ~40 ms (Nagle + delayed ACK) behind its headers.
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        client = socket.create_connection(sock.getsockname()[:2])
+        conn, _ = sock.accept()
+        assert sock.proto == socket.IPPROTO_TCP and conn.proto == socket.IPPROTO_TCP
+        conn.close()
+        client.close()
+    finally:
+        sock.close()
 
 
 def test_run_server_refuses_a_missing_bundle_before_binding(tmp_path):
