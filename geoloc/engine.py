@@ -168,7 +168,7 @@ class Localizer:
         res = self.bundle.index.search(desc, mode=opts.mode, top_cells=opts.top_cells, k=opts.top_matches,
                                        neighbours=opts.neighbours)
         b = len(desc)
-        times = StageTimes(heads=res.timings_ms.get("cells", 0.0), search=res.timings_ms.get("search", 0.0)).scaled(1 / max(b, 1))
+        times = StageTimes(heads=res.times.cells_ms, search=res.times.search_ms).scaled(1 / max(b, 1))
         names = list(images) if images is not None else [f"#{i}" for i in range(b)]
         return [self._prediction(names[i], opts.mode, res, i, times) for i in range(b)]
 
