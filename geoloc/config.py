@@ -21,6 +21,7 @@ files, and refuses a key given twice in one mapping (PyYAML would keep the last 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -374,8 +375,7 @@ def check_value(section: Any, name: str, value: Any, *, source: str) -> Any:
     Raises:
         ConfigError: ``<source>: <section.key> = <value>: expected <what is allowed>``.
     """
-    f = {f.name: f for f in dataclasses.fields(section)}[name]
-    hint = get_type_hints(type(section))[name]
+    f, hint = _field_info(type(section))[name]
     key = f"{section._name}.{name}"
     check = f.metadata.get("check")
     try:
@@ -388,6 +388,12 @@ def check_value(section: Any, name: str, value: Any, *, source: str) -> Any:
             want = check.describe(hint) if check is not None else _type_name(hint)
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         raise ConfigError(f"{source}: {key} = {one_line(shown)}: expected {want}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _field_info(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
 def _type_name(hint: Any) -> str:
@@ -474,7 +480,7 @@ def parse_sets(assignments: Sequence[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"--set {one_line(repr(item))}: expected section.key=value, e.g. --set cells.size_m=25")
         _split_key(key, source="--set")
         section, name = key.split(".", 1)
-        if get_type_hints(SECTIONS[section])[name] is str:
+        if _field_info(SECTIONS[section])[name][1] is str:
             value: Any = raw.strip()
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
                 value = value[1:-1]
