@@ -79,7 +79,7 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
         timings[stage] = round(now - clock, 3)
         clock = now
 
-    records = load_records(database, split="database")
+    records = load_records(database, split="database", utm_zone=config.data.utm_zone or None)
     if len(records) == 0:
         raise DatasetError(f"{database}: no images found")
     lap("records")

@@ -116,3 +116,22 @@ def test_pictures_of_a_result(setup, tmp_path):
                  error_histogram(rows, tmp_path / "hist.png")):
         with Image.open(path) as im:
             assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_export_descriptors_and_hloc_pairs(setup, tmp_path):
+    from geoloc.export import export_descriptors, read_descriptors, write_pairs
+
+    _, loc, q = setup
+    files = export_descriptors(loc, tmp_path / "x", queries=q)
+    db_paths, db = read_descriptors(files[0])
+    q_paths, qd = read_descriptors(files[1])
+    assert db_paths == loc.bundle.records.paths and db.shape == (len(db_paths), loc.encoder.dim)
+    assert q_paths == q.paths and qd.shape == (len(q), loc.encoder.dim)
+    # exported descriptors answer exactly as the images do
+    by_desc = loc.localize_descriptors(qd, mode="retrieve", top_matches=5)
+    by_image = loc.localize([q.abspath(i) for i in range(len(q))], mode="retrieve", top_matches=5)
+    assert [p.candidate_ids for p in by_desc] == [p.candidate_ids for p in by_image]
+    pairs = write_pairs(loc, q, tmp_path / "pairs.txt", top=5, mode="retrieve").read_text().splitlines()
+    assert len(pairs) == 5 * len(q)
+    want = [f"{q.paths[i]} {loc.bundle.records.paths[j]}" for i, p in enumerate(by_image) for j in p.candidate_ids]
+    assert pairs == want
