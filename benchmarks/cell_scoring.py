@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from geoloc.bench.synthetic import (DEFAULT_INTER_COS, DEFAULT_INTRA_COS, DEFAULT_MEAN_CELL_SIZE, bundle_cell_data,
+                                    make_cell_data)
+from geoloc.config import IndexConfig
+from geoloc.index import CellIndex
 
-from _common import DEFAULT_INTER_COS, DEFAULT_INTRA_COS, DEFAULT_MEAN_CELL_SIZE, make_cell_data  # noqa: E402
-from latency import bundle_data  # noqa: E402
-
-from geoloc.config import IndexConfig  # noqa: E402
-from geoloc.index import CellIndex  # noqa: E402
+VARIANTS = [("flat", {})]
+VARIANTS += [("lsh", {"lsh_bits": bits, "lsh_k_factor": kf}) for bits in (384, 768, 1024) for kf in (16, 64)]
+VARIANTS += [("hnsw", {"hnsw_ef_search": ef}) for ef in (64, 128, 256)]
 
 
 def main() -> int:
@@ -44,7 +43,7 @@ def main() -> int:
 
     intra, inter, mean_cell = DEFAULT_INTRA_COS, DEFAULT_INTER_COS, DEFAULT_MEAN_CELL_SIZE
     if args.bundle:
-        b, intra, inter = bundle_data(args.bundle, 16)
+        b, intra, inter = bundle_cell_data(args.bundle, 16)
         mean_cell = len(b.xb) / len(b.prototypes)
     data = make_cell_data(args.size, args.dim, nq=args.queries, intra=intra, inter=inter, mean_cell=mean_cell,
                           seed=args.size)
@@ -56,11 +55,8 @@ def main() -> int:
     print(f"N={args.size} C={c} D={args.dim}, intra {intra:.3f} / inter {inter:.3f} cosine, mean cell {mean_cell:.1f}")
 
     faiss.omp_set_num_threads(1)
-    variants = [("flat", {})]
-    variants += [("lsh", {"lsh_bits": bits, "lsh_k_factor": kf}) for bits in (384, 768, 1024) for kf in (16, 64)]
-    variants += [("hnsw", {"hnsw_ef_search": ef}) for ef in (64, 128, 256)]
     rows = []
-    for kind, kw in variants:
+    for kind, kw in VARIANTS:
         idx = CellIndex.build(descriptors=data.xb[:0], cells=data.cells[:0], prototypes=data.prototypes,
                               config=IndexConfig(quantizer=kind, use_gpu=False, **kw))
         for q in data.xq[:20]:
@@ -70,7 +66,7 @@ def main() -> int:
             idx.score_cells(q[None], args.k)
         ms = (time.perf_counter() - t) / len(data.xq) * 1e3
         _, ids = idx.score_cells(data.xq, args.k)
-        kept = float(np.mean([tc in row for tc, row in zip(true_cell, ids)]))
+        kept = float(np.mean([tc in row for tc, row in zip(true_cell, ids, strict=True)]))
         rows.append({"scorer": kind, **kw, "cells": c, "k": args.k, "ms_per_query": ms, "correct_cell_kept": kept,
                      "bytes_per_cell": idx.memory_bytes()["quantizer"] / c})
         print(f"| {kind} {json.dumps(kw)} | {ms:.3f} ms | correct cell in top {args.k}: {kept:.3f} |", flush=True)
@@ -82,4 +78,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -20,14 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from geoloc.build import build_index
+from geoloc.config import load_config
+from geoloc.data import load_records
+from geoloc.engine import Localizer
+from geoloc.evaluate import evaluate
 
-from geoloc.build import build_index  # noqa: E402
-from geoloc.config import load_config  # noqa: E402
-from geoloc.data import load_records  # noqa: E402
-from geoloc.engine import Localizer  # noqa: E402
-from geoloc.evaluate import evaluate  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def split_by_frame(images: Path, out: Path) -> Path:

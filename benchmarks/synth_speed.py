@@ -14,18 +14,15 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from geoloc.synth import SYNTH_VERSION, Look, build_city, render_view, street_walk  # noqa: E402
-from geoloc.synth.writer import _query_look  # noqa: E402
+from geoloc.synth import SYNTH_VERSION, Look, build_city, render_view, street_walk
+from geoloc.synth.writer import _query_look
 
 
 def main() -> None:

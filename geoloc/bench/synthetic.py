@@ -1,16 +1,27 @@
-"""Shared helpers for the benchmarks: timing, memory, machine info, synthetic cell data."""
+"""Synthetic descriptors with the structure of the real problem, and their calibration on a bundle.
+
+``make_cell_data`` lays ``C`` cells of 10..400 images (log-normal, mean ~60) on a square grid;
+a descriptor is a weighted sum of unit directions (global, 3x3 block per heading, cell, cell per
+heading) plus noise, with weights chosen so that the mean same-cell and different-cell cosines
+match ``intra`` / ``inter`` (defaults below, or measured on a real bundle by
+:func:`bundle_cell_data`). Prototypes are the normalised cell means (one per cell).
+"""
 
 from __future__ import annotations
 
-import os
-import platform
-import resource
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from geoloc.cells import neighbour_table
+from geoloc.config import IndexConfig
+from geoloc.index import CellIndex
+
+__all__ = [
+    "DEFAULT_INTRA_COS", "DEFAULT_INTER_COS", "DEFAULT_MEAN_CELL_SIZE", "HEADINGS", "CellData", "normalise",
+    "generator_weights", "make_cell_data", "segment_sum", "measure_cosines", "bundle_cell_data",
+]
 
 # --- synthetic data defaults (used when no --bundle calibrates them) -----------------------
 # Mean cosine between two database descriptors of the same 20 m cell, and of two random
@@ -22,43 +33,6 @@ DEFAULT_MEAN_CELL_SIZE = 60.0
 """Mean images per cell (log-normal sizes clipped to 10..400: 'tens to hundreds')."""
 HEADINGS = 4
 """Views per cell: images of one cell share a cell direction, and one of 4 heading directions."""
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux ru_maxrss is KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def measure_bandwidth(gib: float = 1.0, repeats: int = 3) -> dict[str, float]:
-    """Streaming read bandwidth in bytes/s: best of numpy sum (1 thread) and BLAS sgemv (all threads)
-    over a ``gib`` GiB float32 array."""
-    n = int(gib * 2**30 / 4)
-    a = np.ones(n, dtype=np.float32)
-    best_sum = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a.sum()
-        best_sum = max(best_sum, a.nbytes / (time.perf_counter() - t))
-    m = a.reshape(-1, 1024)
-    v = np.ones(1024, dtype=np.float32)
-    best_gemv = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        m @ v
-        best_gemv = max(best_gemv, a.nbytes / (time.perf_counter() - t))
-    del a, m
-    return {"numpy_sum_Bps": best_sum, "sgemv_Bps": best_gemv, "best_Bps": max(best_sum, best_gemv)}
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -165,7 +139,7 @@ def make_cell_data(n: int, dim: int, *, nq: int, intra: float = DEFAULT_INTRA_CO
     heads = rng.integers(0, HEADINGS, size=n)
     xb = compose(cells, heads, w["s2"])
     protos = np.zeros((c, dim), dtype=np.float32)
-    _segment_sum(protos, cells, xb)  # cells is sorted
+    segment_sum(protos, cells, xb)  # cells is sorted
     protos = normalise(protos)
     src = rng.integers(0, n, size=nq)
     xq = compose(cells[src], heads[src], w["s2"] * query_noise)
@@ -173,7 +147,7 @@ def make_cell_data(n: int, dim: int, *, nq: int, intra: float = DEFAULT_INTRA_CO
     return CellData(xb, cells, protos, nb, xq, dict(w, mean_cell=float(n / c), n_cells=c, query_noise=query_noise))
 
 
-def _segment_sum(out: np.ndarray, cells: np.ndarray, x: np.ndarray) -> None:
+def segment_sum(out: np.ndarray, cells: np.ndarray, x: np.ndarray) -> None:
     """``out[c] += sum of x[cells == c]`` for sorted ``cells`` ``[N]``; ``x`` ``[N, D]``."""
     starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
     out[cells[starts]] += np.add.reduceat(x, starts, axis=0)
@@ -198,5 +172,21 @@ def measure_cosines(xb: np.ndarray, cells: np.ndarray, *, pairs: int = 20000, se
     return intra, inter
 
 
-def env_threads() -> dict[str, str | int | None]:
-    return {"cpu_count": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+def bundle_cell_data(folder: Path, nq: int) -> tuple[CellData, float, float]:
+    """A real bundle's vectors as :class:`CellData` (rows sorted by cell), with ``nq`` queries made
+    by adding same-cell-sized noise to random database rows, and its measured cosines.
+
+    Returns:
+        data, intra (mean same-cell cosine), inter (mean different-cell cosine).
+    """
+    idx = CellIndex.load(folder, config=IndexConfig(quantizer="flat", use_gpu=False))
+    xb, cells = idx.vectors()
+    order = np.argsort(cells, kind="stable")
+    xb, cells = xb[order], cells[order]
+    intra, inter = measure_cosines(xb, cells)
+    rng = np.random.default_rng(2)
+    src = rng.integers(0, len(xb), size=nq)
+    noise = rng.standard_normal((nq, xb.shape[1]), dtype=np.float32) * np.float32(np.sqrt((1 - intra) / xb.shape[1]))
+    xq = normalise(xb[src] + noise)
+    nb = idx.neighbours if idx.neighbours is not None else np.full((idx.nlist, 8), -1, dtype=np.int64)
+    return CellData(xb, cells, idx.prototypes(), nb, xq, {"bundle": str(folder)}), intra, inter
