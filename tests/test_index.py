@@ -505,3 +505,19 @@ def test_tuned_shares_lists_and_changes_only_search_parameters(data: Synthetic):
     assert np.array_equal(wide.search(data.xq, mode="classify", top_cells=5).cell_ids, exact.cell_ids)
     with pytest.raises(ValueError, match="lsh_k_factor: not a per-call parameter of the hnsw"):
         h.tuned(lsh_k_factor=4)
+
+
+def test_concurrent_fused_multi_prototype_searches_equal_serial(multi: MultiProto):
+    idx = multi.build(quantizer="flat")
+    xq = multi.base.xq
+    jobs = [(t % 5 + 1, bool(t % 2), 0.25 * (t % 3)) for t in range(24)]
+
+    def run(job):
+        tc, nb, w = job
+        return idx.search(xq, mode="hybrid", top_cells=tc, k=10, neighbours=nb, fusion_weight=w)
+
+    serial = [run(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        par = list(pool.map(run, jobs))
+    for s, p in zip(serial, par, strict=True):
+        assert np.array_equal(s.ids, p.ids) and np.array_equal(s.scores, p.scores) and np.array_equal(s.scanned, p.scanned)

@@ -5,6 +5,7 @@ The layout is explained in the package docstring (:mod:`geoloc.index`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -115,8 +116,9 @@ class CellIndex:
 
     def tuned(self, **search_params: float) -> CellIndex:
         """This index with other per-call search parameters of its cell scorer (e.g.
-        ``hnsw_ef_search=64`` or ``lsh_k_factor=32``): the lists and the scorer's structure are
-        shared, nothing is copied, and both indexes may be searched at once.
+        ``hnsw_ef_search=64`` or ``lsh_k_factor=32``): the lists, the scorer's structure, the
+        retrieve view and the GPU mirror are shared (nothing is copied), and both indexes may be
+        searched at once.
 
         Raises:
             ValueError: a key that is not a per-call parameter of this index's scorer.
@@ -126,9 +128,10 @@ class CellIndex:
         if bad:
             raise ValueError(f"{', '.join(bad)}: not a per-call parameter of the {self.quantizer_kind} cell scorer "
                              f"(it has: {', '.join(allowed) or 'none'})")
-        config = dataclasses.replace(self._config, **search_params)
-        pc = None if self._cells.identity else self._cells.cells
-        return CellIndex(self._ivf, neighbours=self._neighbours, config=config, prototype_cells=pc)
+        twin = copy.copy(self)
+        twin._config = dataclasses.replace(self._config, **search_params)
+        twin._scorer = type(self._scorer)(self._ivf.quantizer, twin._config)
+        return twin
 
     def save(self, folder: Path) -> list[Path]:
         """Write ``index.faiss`` (+ ``cell_neighbours.npy``, ``prototype_cells.npy`` when present).
