@@ -701,7 +701,8 @@ def _check_consistency(b: Bundle) -> None:
     index N vectors in C lists of dim D); values are finite and in range (lat/lon, UTM, zones,
     cell centres); the cell table is sorted and its fields agree with its keys; every record is
     filed under its own cell when that cell was kept, else under a kept cell of its own zone
-    (build_cells files images of dropped cells under the nearest kept cell); the index holds
+    (build_cells files images of dropped cells under the nearest kept cell), and a dropped cell holds
+    fewer than ``min_images_per_cell`` records; the index holds
     each row id 0..N-1 exactly once, in the list of the cell the record is filed under.
     """
     m = b.manifest
@@ -790,7 +791,12 @@ def _check_consistency(b: Bundle) -> None:
         problems.append(f"{int(wrong.sum())} records are filed under another cell than the one holding their "
                         f"position (first: row {i} filed under cell {filed[i]}, lies in cell {own[i]})")
     orphans = np.flatnonzero(~kept)
-    if orphans.size:
+    if orphans.size:  # a cell is dropped only when it holds fewer than min_images_per_cell records
+        _, counts = np.unique(cell_key(r.zone[orphans], r.south[orphans], rp[orphans], rq[orphans]), return_counts=True)
+        least = int(m["cells"]["min_images_per_cell"])
+        if counts.max() >= least:
+            problems.append(f"{int((counts >= least).sum())} dropped cells hold at least {least} records "
+                            "(min_images_per_cell), so they would have been kept: the positions were changed")
         zones_kept = {(int(z), bool(s)) for z, s in zip(t.zone, t.south)}
         here = np.array([(int(z), bool(s)) in zones_kept for z, s in zip(r.zone[orphans], r.south[orphans])], bool)
         away = here & ((np.asarray(t.zone)[filed[orphans]] != np.asarray(r.zone)[orphans])
