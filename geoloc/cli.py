@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
 from geoloc import __version__
 from geoloc.config import MODES, Config, Override, build_time_keys, collect_overrides, list_presets
 from geoloc.errors import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_PARTIAL, EXIT_USAGE, BundleError,
-                           ConfigError, DependencyError, GeolocError, ImageError, OutputError, one_line)
+                           ConfigError, DatasetError, DependencyError, GeolocError, ImageError, OutputError, one_line)
 
 out = Console()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -173,6 +173,13 @@ def _require_faiss() -> None:
                               "(or \".[gpu]\" with CUDA) in the checkout, or pip install \"geoloc[cpu]\"") from None
 
 
+def _check_input(source: str, flag: str) -> None:
+    """A dataset folder or CSV that does not exist is refused before anything loads."""
+    if not os.path.exists(source):
+        raise DatasetError(f"{flag} {source}: no such folder or CSV file; pass a dataset folder, an image folder "
+                           "or a CSV of path,lat,lon")
+
+
 def _nearest_existing(path: Path) -> Path:
     p = path.absolute()
     while not p.exists() and p != p.parent:
@@ -235,6 +242,7 @@ def build_index_cmd(
                                        "--groups": ("cells.groups", groups),
                                        "--min-images-per-cell": ("cells.min_images_per_cell", min_images),
                                        "--utm-zone": ("data.utm_zone", utm_zone), "--device": ("backbone.device", device)})
+    _check_input(database, "--database")
     _check_out_dir(out_dir, "--out")
     _require_faiss()
     from geoloc.build import build_index
@@ -382,6 +390,7 @@ def eval_cmd(
         "--top-cells": ("query.top_cells", top_cells), "--neighbours": ("query.neighbours", neighbours),
         "--threshold-m": ("query.threshold_m", threshold_m), "--utm-zone": ("data.utm_zone", utm_zone),
         "--device": ("backbone.device", device)})
+    _check_input(queries, "--queries")
     if results_out is not None and predictions is not None and results_out.absolute() == predictions.absolute():
         raise OutputError(f"--out and --predictions both name {results_out}; pass two different files")
     _prepare_out_file(results_out, "--out")

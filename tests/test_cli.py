@@ -253,3 +253,16 @@ def test_real_process_refuses_a_bad_setting_in_one_line_at_once(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "geoloc", "query", "x.jpg", "--index", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == EXIT_INPUT and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_eval_with_unreadable_queries_is_partial_success(bundle, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(bundle / "ds" / "queries", ds / "queries")
+    good = sorted((ds / "queries").iterdir())[0].name
+    (ds / "queries" / good.replace("@.jpg", "broken@.jpg")).write_bytes(b"\xff\xd8 not a jpeg")
+    res = runner.invoke(app, ["eval", "--index", str(bundle / "idx"), "--queries", str(ds), "-m", "classify",
+                              "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 4, res.output
+    assert "skipped 1 unreadable queries" in res.stderr and json.loads((tmp_path / "r.json").read_text())["queries"] == 12
