@@ -55,7 +55,7 @@ class CellIndex:
             raise ValueError(f"no registered cell scorer recognises a {type(faiss.downcast_index(ivf.quantizer)).__name__}")
         self._scorer = scorer_cls(ivf.quantizer, config)
         self._cells = PrototypeCells(prototype_cells, int(ivf.quantizer.ntotal))
-        self._sizes: np.ndarray | None = None  # [C] list sizes, computed at the first hybrid
+        self._sizes: np.ndarray | None = None  # [C + 1] list sizes (+ a 0 for list -1), made at the first hybrid
         self._gpu: GpuMirror | None = None
         if gpu_available(config):  # pragma: no cover - needs a GPU
             self._gpu = GpuMirror(ivf, self._scorer, self._scorer.prototypes()[self._cells.table[:, 0]])
@@ -320,4 +320,4 @@ class CellIndex:
         """``[B]`` int64 vectors in the searched lists ``[B, W]``."""
         if self._sizes is None:
             self._sizes = L.list_sizes(self._ivf)  # idempotent: a race computes it twice
-        return np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1).astype(np.int64)
+        return self._sizes[lists].sum(axis=1)  # list -1 picks the trailing 0

@@ -54,8 +54,8 @@ def make_ivf(quantizer: faiss.Index, descriptors: np.ndarray, cells: np.ndarray,
 
 
 def list_sizes(ivf: faiss.IndexIVF) -> np.ndarray:
-    """``[C]`` int64 number of vectors in each list."""
-    return np.asarray(inspect_tools.get_invlist_sizes(ivf.invlists), dtype=np.int64).reshape(-1)
+    """``[C + 1]`` int64 number of vectors in each list, and a trailing 0 (so that list -1 counts 0)."""
+    return np.append(np.asarray(inspect_tools.get_invlist_sizes(ivf.invlists), dtype=np.int64).reshape(-1), 0)
 
 
 def cell_members(ivf: faiss.IndexIVF, c: int) -> np.ndarray:
@@ -123,6 +123,10 @@ def ring_lists(cell_ids: np.ndarray, neighbours: np.ndarray, n_cells: int) -> np
     return dedup_rows(np.concatenate([cell_ids, ring.reshape(len(cell_ids), -1)], axis=1), n_cells)
 
 
+_IVF_PARAMS: dict[int, faiss.SearchParametersIVF] = {}
+"""``SearchParametersIVF(nprobe=W)`` per W, made once and only read afterwards (shared by threads)."""
+
+
 def search_preassigned(index: faiss.Index, queries: np.ndarray, lists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact search of each query over its own lists (CPU ``IndexIVFFlat`` or its GPU copy).
 
@@ -141,7 +145,9 @@ def search_preassigned(index: faiss.Index, queries: np.ndarray, lists: np.ndarra
     if b == 0:
         return scores, ids
     coarse = np.zeros((b, w), dtype=np.float32)
-    params = faiss.SearchParametersIVF(nprobe=w)  # per call: index.nprobe is never touched
+    params = _IVF_PARAMS.get(w)  # per call: index.nprobe is never touched
+    if params is None:
+        params = _IVF_PARAMS[w] = faiss.SearchParametersIVF(nprobe=w)
     sp = faiss.swig_ptr
     index.search_preassigned_c(b, sp(queries), k, sp(lists), sp(coarse), sp(scores), sp(ids), False, params)
     scores[ids < 0] = -np.inf
