@@ -206,3 +206,11 @@ def test_parse_sets_reads_values_for_the_key_type():
     assert Config().apply(pairs, source="--set").cells.size_m == 25.0
     with pytest.raises(ConfigError, match="expected section.key=value"):
         parse_sets(["cells"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
+def test_any_file_content_is_a_config_or_a_config_error(tmp_path_factory, data):
+    f = tmp_path_factory.mktemp("b") / "c.yaml"
+    f.write_bytes(data)
+    _valid_or_config_error(lambda: load_config(f))
