@@ -806,22 +806,20 @@ def _check_consistency(b: Bundle) -> None:
     fail()
 
     # the index: ids 0..N-1, each once, in the list of the cell its record is filed under
-    seen = np.zeros(n, np.int64)
-    for cc, ids in enumerate(_index_ids(b.index, c)):
-        if ids.size == 0:
-            continue
-        out_of_range = (ids < 0) | (ids >= n)
-        if out_of_range.any():
-            problems.append(f"index list {cc} holds row ids outside 0..{n - 1} (e.g. {int(ids[out_of_range][0])})")
-            break
-        np.add.at(seen, ids, 1)
-        if np.any(filed[ids] != cc):
-            problems.append(f"index list {cc} holds rows filed under another cell")
-            break
-    else:
-        if np.any(seen != 1):
-            dup, miss = int((seen > 1).sum()), int((seen == 0).sum())
-            problems.append(f"index row ids are not each present once ({dup} repeated, {miss} absent)")
+    lists = _index_ids(b.index, c)
+    ids = np.concatenate(lists) if lists else np.empty(0, np.int64)
+    where = np.repeat(np.arange(c, dtype=np.int64), [len(x) for x in lists])
+    out_of_range = (ids < 0) | (ids >= n)
+    if out_of_range.any():
+        k = int(np.flatnonzero(out_of_range)[0])
+        problems.append(f"index list {int(where[k])} holds row ids outside 0..{n - 1} (e.g. {int(ids[k])})")
+        fail()
+    seen = np.bincount(ids, minlength=n)
+    if ids.size != n or np.any(seen != 1):
+        problems.append(f"index row ids are not each present once ({int((seen > 1).sum())} repeated, "
+                        f"{int((seen == 0).sum())} absent)")
+    elif np.any(filed[ids] != where):
+        problems.append(f"index list {int(where[np.flatnonzero(filed[ids] != where)[0]])} holds rows filed under another cell")
     fail()
 
 

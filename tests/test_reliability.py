@@ -322,6 +322,19 @@ def _edit_ids(folder: Path, edit) -> None:
     faiss.write_index(index, str(folder / "index.faiss"))
 
 
+def _swap_ids_between_lists(folder: Path) -> None:
+    index = faiss.read_index(str(folder / "index.faiss"))
+    inv = index.invlists
+    a, b = [c for c in range(index.nlist) if inv.list_size(c) >= 1][:2]
+    (ia, ca), (ib, cb) = (faiss.contrib.inspect_tools.get_invlist(inv, c) for c in (a, b))
+    ia, ib = ia.copy(), ib.copy()
+    ia[0], ib[0] = ib[0], ia[0]
+    for c, ids, codes in ((a, ia, ca), (b, ib, cb)):
+        inv.resize(c, 0)
+        inv.add_entries(c, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(np.ascontiguousarray(codes)))
+    faiss.write_index(index, str(folder / "index.faiss"))
+
+
 def _edit_records(folder: Path, field: str, edit) -> None:
     rec = load_file(folder / "records.safetensors")
     rec[field] = edit(rec[field].copy())
@@ -354,6 +367,7 @@ def _set0(value):
     (lambda f: _edit_ids(f, _ids_out_of_range), "row ids outside"),
     (lambda f: _edit_ids(f, _ids_negative), "row ids outside"),
     (lambda f: _edit_ids(f, _ids_duplicate), "not each present once"),
+    (_swap_ids_between_lists, "filed under another cell"),
     (lambda f: _edit_records(f, "lat", _set0(np.nan)), "not finite or out of range"),
     (lambda f: _edit_records(f, "lon", _set0(200.0)), "not finite or out of range"),
     (lambda f: _edit_records(f, "east", _set0(np.inf)), "not finite or out of range"),
@@ -362,7 +376,7 @@ def _set0(value):
     (lambda f: _edit_records(f, "filed", _set0(999)), "cells that do not exist"),
     (lambda f: _edit_records(f, "filed", lambda a: np.roll(a, 1)), "another cell|image counts|filed"),
     (lambda f: _edit_records(f, "heading", lambda a: a[:-1]), "shape"),
-], ids=["id-out-of-range", "id-negative", "id-duplicate", "lat-nan", "lon-200", "east-inf", "moved-away", "moved-a-cell", "filed-999",
+], ids=["id-out-of-range", "id-negative", "id-duplicate", "id-in-wrong-list", "lat-nan", "lon-200", "east-inf", "moved-away", "moved-a-cell", "filed-999",
         "filed-shuffled", "short-field"])
 def test_a_resealed_bundle_holding_nonsense_is_refused_in_one_line(bundle, damage, word):
     damage(bundle)
