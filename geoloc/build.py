@@ -11,6 +11,7 @@ is only ever renamed into place complete (geoloc.bundle).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,11 @@ from geoloc.bundle import build_lock, check_output, write_bundle
 from geoloc.cells import build_cells
 from geoloc.config import Config
 from geoloc.data import load_records
-from geoloc.errors import DatasetError
-from geoloc.extract import extract_features
-from geoloc.fileio import sha256_json
+from geoloc.errors import ConfigError, DatasetError
+from geoloc.encoder import EXTERNAL
+from geoloc.export import descriptors_for
+from geoloc.extract import Extraction, extract_features
+from geoloc.fileio import sha256_file
 from geoloc.finetune import finetune_backbone
 from geoloc.heads import classifier_state
 from geoloc.index import CellIndex
@@ -55,21 +58,35 @@ def work_dir(out: Path) -> Path:
 
 
 def build_index(*, database: str | Path, out: str | Path, config: Config, progress: bool = True,
-                log: Callable[[str], None] = lambda _m: None) -> BuildReport:
+                log: Callable[[str], None] = lambda _m: None, descriptors: str | Path | None = None) -> BuildReport:
     """Build a bundle at ``out`` from the images and positions of ``database``.
 
     ``out`` is checked before any work (:func:`geoloc.bundle.check_output`: only a missing
     path, an empty folder or a bundle geoloc wrote may be replaced) and locked for the whole
     build (:func:`geoloc.bundle.build_lock`: a second build of the same ``out`` is refused).
+
+    ``descriptors``: a file of descriptors computed elsewhere (``.npz`` with ``paths [N]`` and
+    ``descriptors [N, F]``, see :func:`geoloc.export.read_descriptors`), keyed by the database
+    paths (relative to the dataset root, or absolute). The classifier and the index are built on
+    them instead of on a backbone's features; such a bundle answers descriptors, not images.
     """
     out = Path(out)
     check_output(out)
+    if descriptors is not None and config.train.finetune_blocks > 0:
+        raise ConfigError("train.finetune_blocks needs images and a backbone; it cannot be used with --descriptors")
     with build_lock(out):
-        return _build(database=database, out=out, config=config, progress=progress, log=log)
+        return _build(database=database, out=out, config=config, progress=progress, log=log, descriptors=descriptors)
+
+
+def external_backbone(path: Path, feature_dim: int) -> dict:
+    """The manifest's backbone description of a bundle built from a descriptor file."""
+    return {"name": EXTERNAL, "timm_name": "", "input_size": 0, "mean": [], "std": [], "interpolation": "",
+            "crop_pct": 1.0, "weights_source": f"descriptors:{path.name}", "fingerprint": sha256_file(path),
+            "feature_dim": int(feature_dim)}
 
 
 def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
-           log: Callable[[str], None]) -> BuildReport:
+           log: Callable[[str], None], descriptors: str | Path | None) -> BuildReport:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -84,18 +101,26 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
         raise DatasetError(f"{database}: no images found")
     lap("records")
 
-    backbone = create_backbone(config.backbone)
     work = work_dir(out)
-    lap("backbone")
-    log(f"extracting {backbone.name} features of {len(records)} images (cache: {work / 'features'})")
-    bc = config.backbone
+    backbone = None
+    if descriptors is not None:
+        feats = descriptors_for(records, Path(descriptors))
+        ext = Extraction(features=feats, ok=np.ones(len(records), bool), errors=[], seconds=0.0)
+        backbone_info = external_backbone(Path(descriptors), ext.features.shape[1])
+        lap("descriptors")
+    else:
+        backbone = create_backbone(config.backbone)
+        backbone_info = backbone.describe()
+        lap("backbone")
+        log(f"extracting {backbone.name} features of {len(records)} images (cache: {work / 'features'})")
+        bc = config.backbone
 
-    def extract(paths: list[Path], cache: str):
-        return extract_features(paths, backbone=backbone, batch_size=bc.batch_size, num_workers=bc.num_workers,
-                                cache_dir=work / cache, progress=progress, chunk_size=bc.cache_chunk)
+        def extract(paths: list[Path], cache: str):
+            return extract_features(paths, backbone=backbone, batch_size=bc.batch_size, num_workers=bc.num_workers,
+                                    cache_dir=work / cache, progress=progress, chunk_size=bc.cache_chunk)
 
-    ext = extract(records.abspaths(), "features")
-    lap("extract")
+        ext = extract(records.abspaths(), "features")
+        lap("extract")
     if not ext.ok.any():
         raise DatasetError(f"{database}: none of the {len(records)} images could be decoded (first: {ext.errors[0][1]})")
     good = records.subset(ext.ok)
@@ -110,7 +135,7 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
 
     model, train_report = train_classifier(features=ext.features, labels=labels, lat=good.lat, lon=good.lon,
                                            table=table, config=config, checkpoint_dir=work / "train",
-                                           inputs_key=sha256_json([backbone.fingerprint, records.paths]), log=log)
+                                           inputs_key=hashlib.sha256(ext.features.tobytes()).hexdigest(), log=log)
     lap("train")
 
     features, backbone_state = ext.features, None
@@ -121,6 +146,7 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
         log("extracting features again with the tuned backbone")
         features = extract(good.abspaths(), "features-tuned").features
         backbone_state = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
+        backbone_info = backbone.describe()
         lap("extract-tuned")
 
     with torch.inference_mode():
@@ -133,7 +159,7 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
 
     stats = {"images_used": len(good), "images_skipped": len(skipped), "train_history": train_report.history,
              "timings_s": timings}
-    write_bundle(out, config=config, backbone_info=backbone.describe(), table=table, records=good, filed=filed,
+    write_bundle(out, config=config, backbone_info=backbone_info, table=table, records=good, filed=filed,
                  projection=state["projection"], prototypes=state["prototypes"], index=index, skipped=skipped,
                  stats=stats, backbone_state=backbone_state)
     lap("write")

@@ -32,7 +32,10 @@ from geoloc.backbones import Backbone
 from geoloc.errors import ImageError
 from geoloc.timings import StageTimes
 
-__all__ = ["Encoded", "Encoder", "decode", "decode_with", "load_image_for", "pooled", "project", "short_side"]
+EXTERNAL = "external"
+"""Backbone name recorded by bundles built from descriptors computed elsewhere (no backbone)."""
+
+__all__ = ["EXTERNAL", "Encoded", "Encoder", "decode", "decode_with", "load_image_for", "pooled", "project", "short_side"]
 
 
 def short_side(backbone: Backbone) -> int:
@@ -114,17 +117,20 @@ class Encoder:
     """A backbone and (optionally) the bundle's projection, as one object.
 
     Args:
-        backbone: the (frozen) backbone.
+        backbone: the (frozen) backbone, or None for a bundle built from descriptors computed
+            elsewhere (it projects given features but cannot read images).
         projection: ``[D, F]`` float32 projection weight, or None for pooled features only.
     """
 
-    def __init__(self, backbone: Backbone, projection: np.ndarray | torch.Tensor | None = None) -> None:
+    def __init__(self, backbone: Backbone | None, projection: np.ndarray | torch.Tensor | None = None) -> None:
+        if backbone is None and projection is None:
+            raise ValueError("an Encoder needs a backbone or a projection")
         self.backbone = backbone
         self._weight = None if projection is None else torch.as_tensor(np.asarray(projection, np.float32)).clone()
 
     @property
     def feature_dim(self) -> int:
-        return self.backbone.feature_dim
+        return self.backbone.feature_dim if self.backbone is not None else int(self._weight.shape[1])
 
     @property
     def dim(self) -> int:

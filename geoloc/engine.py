@@ -22,7 +22,7 @@ import numpy as np
 from geoloc.backbones import Backbone, create_backbone
 from geoloc.bundle import Bundle, check_backbone, read_bundle
 from geoloc.config import Config
-from geoloc.encoder import Encoder
+from geoloc.encoder import EXTERNAL, Encoder
 from geoloc.errors import BundleError, ConfigError, ImageError
 from geoloc.timings import StageTimes
 
@@ -95,14 +95,18 @@ class QueryOptions:
 class Localizer:
     """A verified bundle and the backbone it was built with. Thread-safe for queries."""
 
-    def __init__(self, bundle: Bundle, backbone: Backbone) -> None:
-        check_backbone(bundle.manifest, backbone.describe(), where=bundle.path)
+    def __init__(self, bundle: Bundle, backbone: Backbone | None) -> None:
+        """``backbone`` None only for a bundle built from descriptors computed elsewhere."""
+        if backbone is not None:
+            check_backbone(bundle.manifest, backbone.describe(), where=bundle.path)
+        elif bundle.manifest["backbone"]["name"] != EXTERNAL:
+            raise BundleError(f"{bundle.path}: a Localizer needs the bundle's backbone")
         self.bundle = bundle
         self.config = bundle.config
         self.encoder = Encoder(backbone, bundle.projection)
 
     @property
-    def backbone(self) -> Backbone:
+    def backbone(self) -> Backbone | None:
         return self.encoder.backbone
 
     @classmethod
@@ -114,7 +118,7 @@ class Localizer:
         ``config.backbone``) other than the bundle's is refused, saying what differs.
         """
         bundle = read_bundle(Path(path), config=config)
-        if backbone is None:
+        if backbone is None and bundle.manifest["backbone"]["name"] != EXTERNAL:
             backbone = create_backbone(bundle.config.backbone, device=device)
             if bundle.backbone_state is not None:
                 backbone.load_tuned(bundle.backbone_state)
@@ -135,6 +139,9 @@ class Localizer:
         """:meth:`localize` as a stream: one answer per image, in order, batch by batch (memory
         bounded by the batch, whatever the number of images)."""
         opts = QueryOptions.from_config(self.config, **options)
+        if self.backbone is None:
+            raise BundleError(f"{self.bundle.path}: this bundle was built from descriptors computed elsewhere, so it "
+                              "cannot read images; pass query descriptors (geoloc eval --query-descriptors FILE)")
         bs = max(1, int(batch_size or self.config.backbone.batch_size))
         for start in range(0, len(images), bs):
             paths = list(images[start : start + bs])

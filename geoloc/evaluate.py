@@ -252,6 +252,17 @@ def provenance(loc: Localizer) -> dict:
             "versions": library_versions(), "command": list(sys.argv)}
 
 
+def query_descriptors(loc: Localizer, queries: Records, path: str | Path) -> QueryFeatures:
+    """Queries given as descriptors computed elsewhere (a file keyed by path, as ``build --descriptors``)."""
+    from geoloc.export import descriptors_for
+
+    feats = descriptors_for(queries, path)
+    if feats.shape[1] != loc.encoder.feature_dim:
+        raise DatasetError(f"{path}: descriptors have {feats.shape[1]} dimensions, the bundle expects "
+                           f"{loc.encoder.feature_dim}")
+    return QueryFeatures(queries, feats, [], 0.0, 0.0)
+
+
 def embed_queries(loc: Localizer, queries: Records, *, batch_size: int = 16,
                   progress: Callable[[int, int], None] | None = None) -> QueryFeatures:
     """Decode and embed every query once (batched, stages timed separately); unreadable ones are skipped."""

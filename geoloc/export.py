@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from geoloc.engine import Localizer
 from geoloc.errors import DatasetError
 from geoloc.fileio import atomic_write_bytes
 from geoloc.records import Records
 
-__all__ = ["export_descriptors", "write_pairs", "read_descriptors"]
+if TYPE_CHECKING:
+    from geoloc.engine import Localizer
+
+__all__ = ["export_descriptors", "write_pairs", "read_descriptors", "descriptors_for"]
 
 
 def _npz_bytes(paths: Sequence[str], desc: np.ndarray) -> bytes:
@@ -30,7 +32,7 @@ def _npz_bytes(paths: Sequence[str], desc: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def export_descriptors(loc: Localizer, out: str | Path, *, queries: Records | None = None,
+def export_descriptors(loc: "Localizer", out: str | Path, *, queries: Records | None = None,
                        database: bool = True, batch_size: int = 32) -> list[Path]:
     """Write ``database.npz`` (the bundle's stored descriptors) and/or ``queries.npz`` (embedded now).
 
@@ -69,7 +71,30 @@ def read_descriptors(path: str | Path) -> tuple[list[str], np.ndarray]:
     return paths, desc
 
 
-def write_pairs(loc: Localizer, queries: Records, out: str | Path, *, top: int = 20, mode: str = "hybrid",
+def descriptors_for(records: Records, path: str | Path) -> np.ndarray:
+    """The rows of a descriptor file for each record, matched by path (relative to the dataset
+    root, or absolute): ``[N, F]`` float32, L2-normalised.
+
+    Raises:
+        DatasetError: a record has no descriptor, or a row is NaN, infinite or all zero.
+    """
+    paths, feats = read_descriptors(path)
+    row = {p: i for i, p in enumerate(paths)}
+    take = [row.get(p, row.get(str(records.abspath(i)), -1)) for i, p in enumerate(records.paths)]
+    missing = [records.paths[i] for i, t in enumerate(take) if t < 0]
+    if missing:
+        raise DatasetError(f"{path}: no descriptor for {len(missing)} of {len(records)} images "
+                           f"(first: {missing[0]}); the file's paths must match the dataset's")
+    x = feats[np.asarray(take, dtype=np.int64)] if take else np.zeros((0, feats.shape[1]), np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not np.isfinite(x).all() or (norms == 0).any():
+        raise DatasetError(f"{path}: descriptors hold NaN, infinite or all-zero rows")
+    if np.abs(norms - 1).max(initial=0) > 1e-5:  # already unit rows are kept bit for bit
+        x = x / norms
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def write_pairs(loc: "Localizer", queries: Records, out: str | Path, *, top: int = 20, mode: str = "hybrid",
                 batch_size: int = 32, **options) -> Path:
     """hloc pairs file: for each query, its ``top`` database matches in rank order (``mode`` retrieve or hybrid)."""
     if mode not in ("retrieve", "hybrid"):

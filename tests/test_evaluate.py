@@ -135,3 +135,39 @@ def test_export_descriptors_and_hloc_pairs(setup, tmp_path):
     assert len(pairs) == 5 * len(q)
     want = [f"{q.paths[i]} {loc.bundle.records.paths[j]}" for i, p in enumerate(by_image) for j in p.candidate_ids]
     assert pairs == want
+
+
+def test_bundle_from_descriptors_computed_elsewhere_answers_like_the_image_bundle(setup, tmp_path):
+    """A user's own descriptors (keyed by path) build the classifier and the index; when they are
+    exactly the backbone's features, the bundle answers exactly as the one built from images."""
+    from geoloc.backbones import create_backbone
+    from geoloc.errors import BundleError
+    from geoloc.evaluate import embed_queries, query_descriptors
+    from geoloc.extract import extract_features
+
+    root, loc, q = setup
+    cfg = load_config(TINY_CONFIG)
+    db = load_records(root / "ds", split="database")
+    feats = extract_features(db.abspaths(), backbone=create_backbone(cfg.backbone), batch_size=cfg.backbone.batch_size,
+                             num_workers=0, progress=False).features
+    np.savez(tmp_path / "db.npz", paths=np.asarray(db.paths), descriptors=feats)
+    qf = embed_queries(loc, q)
+    absolute = [str(q.abspath(i)) for i in range(len(q))]  # keyed by absolute paths works too
+    np.savez(tmp_path / "q.npz", paths=np.asarray(absolute), descriptors=qf.features)
+
+    rep = build_index(database=root / "ds", out=tmp_path / "ext", config=cfg, progress=False,
+                      descriptors=tmp_path / "db.npz")
+    ext = Localizer.load(rep.out)
+    assert ext.backbone is None and ext.bundle.manifest["backbone"]["name"] == "external"
+    np.testing.assert_array_equal(ext.bundle.prototypes, loc.bundle.prototypes)
+    a = evaluate(loc, qf).to_json()["modes"]
+    b = evaluate(ext, query_descriptors(ext, q, tmp_path / "q.npz")).to_json()["modes"]
+    for mode in a:
+        for key in ("lr@1", "lr@5", "lr@20", "median_error_m", "vectors_scanned"):
+            assert a[mode][key] == b[mode][key]
+    with pytest.raises(BundleError, match="built from descriptors"):
+        ext.localize([q.abspath(0)])
+    np.savez(tmp_path / "short.npz", paths=np.asarray(db.paths[:-1]), descriptors=feats[:-1])
+    with pytest.raises(DatasetError, match="no descriptor for 1 of"):
+        build_index(database=root / "ds", out=tmp_path / "ext2", config=cfg, progress=False,
+                    descriptors=tmp_path / "short.npz")
