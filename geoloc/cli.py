@@ -358,7 +358,8 @@ def _load_queries(source: str, utm_zone: str) -> Any:
 
     kw: dict[str, Any] = {"split": "queries"}
     if utm_zone:
-        if "utm_zone" not in inspect.signature(load_records).parameters:
+        params = inspect.signature(load_records).parameters
+        if "utm_zone" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             raise ConfigError("--utm-zone / data.utm_zone: this geoloc's dataset reader cannot take a zone yet; "
                               "name the images with their zone (@east@north@zone@band@...)")
         kw["utm_zone"] = utm_zone

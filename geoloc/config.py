@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import os
 import re
@@ -32,7 +33,7 @@ from typing import Any, Iterable, NamedTuple, Sequence, get_type_hints
 
 import yaml
 
-from geoloc.errors import ConfigError, one_line
+from geoloc.errors import ConfigError, GeolocError, one_line
 
 MODES: tuple[str, ...] = ("classify", "retrieve", "hybrid")
 """The query modes, in this order everywhere (the one definition; others import it from here)."""
@@ -97,18 +98,15 @@ def _num(x: float) -> str:
 @dataclass(frozen=True)
 class Text:
     """One line of text: non-empty unless ``empty_ok``; matching ``pattern`` when given
-    (after ``upper`` when set; the empty string always passes when ``empty_ok``)."""
+    (the empty string always passes when ``empty_ok``)."""
 
     empty_ok: bool = False
     max_len: int = 4096
     pattern: str | None = None
     pattern_doc: str = ""
-    upper: bool = False
 
     def __call__(self, value: str) -> str:
         value = value.strip()
-        if self.upper:
-            value = value.upper()
         if not value:
             if self.empty_ok:
                 return value
@@ -124,7 +122,30 @@ class Text:
         return f"{what} (or empty)" if self.empty_ok else what
 
 
-def setting(default: Any, check: Choice | Range | Text | None = None, *, runtime: bool = False) -> Any:
+@dataclass(frozen=True)
+class Parsed:
+    """One line of text (or empty) that the parser ``target`` (``"module:function"``, imported
+    only when a value is checked) accepts; the value is kept as written, stripped."""
+
+    target: str
+    doc: str
+
+    def __call__(self, value: str) -> str:
+        value = Text(empty_ok=True, max_len=64)(value)
+        if value:
+            module, _, name = self.target.partition(":")
+            parse = getattr(importlib.import_module(module), name)
+            try:
+                parse(value)
+            except GeolocError:
+                raise ValueError(self.describe()) from None
+        return value
+
+    def describe(self, kind: type = str) -> str:
+        return f"{self.doc} (or empty)"
+
+
+def setting(default: Any, check: Choice | Range | Text | Parsed | None = None, *, runtime: bool = False) -> Any:
     """A config field: its default, its check, and whether it may change after the build."""
     return field(default=default, metadata={"check": check, "runtime": runtime})
 
@@ -140,9 +161,6 @@ class _Section:
 
 
 # -- the sections -------------------------------------------------------------------------------
-_UTM_ZONE = r"(?:[1-9]|[1-5][0-9]|60)[C-HJ-NP-X]"
-
-
 @dataclass
 class BackboneConfig(_Section):
     _name = "backbone"
@@ -234,8 +252,8 @@ class QueryConfig(_Section):
 @dataclass
 class DataConfig(_Section):
     _name = "data"
-    utm_zone: str = setting("", Text(empty_ok=True, pattern=_UTM_ZONE, pattern_doc="a UTM zone 1-60 with its "
-                                     "latitude band letter C-X, e.g. 10S", upper=True), runtime=True)
+    utm_zone: str = setting("", Parsed("geoloc.data:parse_utm_zone", "a UTM zone 1-60 with its latitude band "
+                                       "letter C-X (10S) or hemisphere (32N, 56south)"), runtime=True)
     """Zone of images named with only ``@east@north@`` (no zone in the name), e.g. '10S'; '' = from the data."""
 
 
@@ -382,7 +400,7 @@ def check_value(section: Any, name: str, value: Any, *, source: str) -> Any:
         typed = _coerce(value, hint)
         return check(typed) if check is not None else typed
     except (TypeError, ValueError, OverflowError) as err:
-        if isinstance(check, Text):
+        if isinstance(check, (Text, Parsed)):
             want = (str(err) or check.describe()) if isinstance(value, str) else _type_name(hint)
         else:
             want = check.describe(hint) if check is not None else _type_name(hint)

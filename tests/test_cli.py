@@ -266,3 +266,21 @@ def test_eval_with_unreadable_queries_is_partial_success(bundle, tmp_path):
                               "--out", str(tmp_path / "r.json")])
     assert res.exit_code == 4, res.output
     assert "skipped 1 unreadable queries" in res.stderr and json.loads((tmp_path / "r.json").read_text())["queries"] == 12
+
+
+def test_utm_zone_reaches_the_dataset_reader(bundle, tmp_path, monkeypatch):
+    import geoloc.data
+
+    seen = {}
+    real = geoloc.data.load_records
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(geoloc.data, "load_records", spy)
+    res = runner.invoke(app, ["eval", "--index", str(bundle / "idx"), "--queries", str(bundle / "ds"), "-m", "classify",
+                              "--utm-zone", "33U"])
+    assert res.exit_code == 0, res.output
+    assert seen["utm_zone"] == "33U"
+    res = runner.invoke(app, ["eval", "--index", str(bundle / "idx"), "--queries", str(bundle / "ds"), "--utm-zone", "99Z"])
+    assert res.exit_code == EXIT_USAGE and "data.utm_zone" in _one_error_line(res)

@@ -35,8 +35,8 @@ from geoloc.errors import ConfigError, one_line
     ("query.threshold_m=-5", "query.threshold_m", "> 0"),
     ("query.neighbours=maybe", "query.neighbours", "true or false"),
     ("backbone.name=", "backbone.name", "non-empty"),
-    ("data.utm_zone=61S", "data.utm_zone", "e.g. 10S"),
-    ("data.utm_zone=10I", "data.utm_zone", "e.g. 10S"),
+    ("data.utm_zone=61S", "data.utm_zone", "(10S)"),
+    ("data.utm_zone=10I", "data.utm_zone", "(10S)"),
 ])
 def test_bad_values_are_one_line_naming_key_value_and_range(item, key, allowed):
     with pytest.raises(ConfigError) as e:
@@ -46,11 +46,11 @@ def test_bad_values_are_one_line_naming_key_value_and_range(item, key, allowed):
 
 
 def test_good_values_are_coerced_to_the_key_type():
-    cfg = load_config(None, ["cells.size_m=25", "cells.groups=3.0", "query.neighbours=yes", "data.utm_zone=10s",
+    cfg = load_config(None, ["cells.size_m=25", "cells.groups=3.0", "query.neighbours=yes", "data.utm_zone=10s ",
                              "backbone.device=cuda:1", "backbone.weights=/w/0123.safetensors", "backbone.name=1e3"])
     assert cfg.cells.size_m == 25.0 and isinstance(cfg.cells.size_m, float)
     assert cfg.cells.groups == 3 and isinstance(cfg.cells.groups, int)
-    assert cfg.query.neighbours is True and cfg.data.utm_zone == "10S" and cfg.backbone.device == "cuda:1"
+    assert cfg.query.neighbours is True and cfg.data.utm_zone == "10s" and cfg.backbone.device == "cuda:1"
     assert cfg.backbone.weights == "/w/0123.safetensors" and cfg.backbone.name == "1e3"  # text keys stay text
 
 
