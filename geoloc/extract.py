@@ -13,6 +13,12 @@ chunk's absolute paths and each file's identity (size, mtime, ctime, inode), so 
 images were replaced under the same names is extracted again, never reused. A run killed at
 any moment leaves only whole chunk files; the next run loads them and extracts only the rest.
 No pickle anywhere.
+
+``engine="ray"`` hands the chunks still to extract to Ray Data actors (:mod:`geoloc.distributed`):
+each runs :func:`extract_chunk` (the same decoding, pooling and batch boundaries as here) and
+sends back the chunk's cache bytes, which this process checks and writes into the same cache. The
+features are identical to the local path's (same device kind and torch thread count), and local
+and Ray runs resume from each other's chunks.
 """
 
 from __future__ import annotations
@@ -33,12 +39,17 @@ from torch.utils.data import DataLoader, Dataset
 from geoloc.fileio import atomic_write_bytes
 from geoloc.backbones import Backbone
 from geoloc.encoder import decode_with, pooled, short_side
-from geoloc.errors import GeolocError, ImageError
+from geoloc.config import BackboneConfig
+from geoloc.errors import ConfigError, GeolocError, ImageError
 
-__all__ = ["Extraction", "extract_features", "image_batches", "CACHE_FORMAT"]
+__all__ = ["Extraction", "extract_features", "extract_chunk", "image_batches", "chunk_payload", "parse_chunk",
+           "write_chunk", "CACHE_FORMAT", "ENGINES"]
 
 CACHE_FORMAT = 2
 DEFAULT_CHUNK_SIZE = 1024
+ENGINES: tuple[str, ...] = ("local", "ray")
+"""Where :func:`extract_features` runs: this process, or a Ray cluster (:mod:`geoloc.distributed`)."""
+
 @dataclass
 class Extraction:
     """Result of :func:`extract_features` over N paths."""
@@ -174,45 +185,100 @@ def _open_cache(cache_dir: Path, key: str, n: int, chunk_size: int, feature_dim:
     atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
 
 
-def _save_chunk(cache_dir: Path, c: int, key: str, feats: np.ndarray, ok: np.ndarray, errors: list[tuple[str, str]]) -> None:
-    """Write chunk c: ``features [n_ok,F]`` float32 + ``ok [n]`` uint8 + errors (JSON metadata)."""
+def chunk_payload(key: str, c: int, feats: np.ndarray, ok: np.ndarray, errors: list[tuple[str, str]]) -> bytes:
+    """The bytes of cache chunk c (a safetensors file): ``features [n_ok, F]`` float32 + ``ok [n]``
+    uint8, with the chunk key, the chunk number and the errors (JSON) as metadata.
+
+    The local path and the Ray workers (:mod:`geoloc.distributed`) both make chunks with this.
+    """
     from safetensors.numpy import save
 
-    data = save(
+    return save(
         {"features": np.ascontiguousarray(feats, dtype=np.float32), "ok": ok.astype(np.uint8)},
         metadata={"key": key, "chunk": str(c), "errors": json.dumps(errors)},
     )
-    atomic_write_bytes(cache_dir / _chunk_name(c), data)
 
 
-def _load_chunk(cache_dir: Path, c: int, key: str, n: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
-    """Chunk c if present, whole and made with ``key`` (else None; a damaged file is removed)."""
-    from safetensors import safe_open
+def parse_chunk(data: bytes, c: int, key: str, n: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
+    """``(features [n_ok, F] float32, ok [n] bool, errors)`` from :func:`chunk_payload` bytes, or
+    None when they are damaged or made for another key, chunk number, size or feature size."""
+    from safetensors.numpy import load
 
-    path = cache_dir / _chunk_name(c)
-    if not path.is_file():
-        return None
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            feats = f.get_tensor("features")
-            ok = f.get_tensor("ok").astype(bool)
+        head_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + head_len]).get("__metadata__") or {}
+        arrays = load(data)
+        feats, ok = arrays["features"], arrays["ok"].astype(bool)
         errors = [(str(p), str(r)) for p, r in json.loads(meta.get("errors", "[]"))]
         valid = (meta.get("key") == key and meta.get("chunk") == str(c) and ok.shape == (n,)
                  and feats.dtype == np.float32 and feats.shape == (int(ok.sum()), feature_dim)
                  and len(errors) == n - int(ok.sum()))
     except Exception:  # noqa: BLE001 - unreadable: recompute
-        valid = False
-    if not valid:
-        path.unlink(missing_ok=True)
         return None
-    return feats, ok, errors
+    return (feats, ok, errors) if valid else None
+
+
+def write_chunk(cache_dir: Path, c: int, data: bytes) -> None:
+    """Write chunk c's :func:`chunk_payload` bytes atomically into the cache."""
+    atomic_write_bytes(cache_dir / _chunk_name(c), data)
+
+
+def _save_chunk(cache_dir: Path, c: int, key: str, feats: np.ndarray, ok: np.ndarray, errors: list[tuple[str, str]]) -> None:
+    """Write chunk c: ``features [n_ok,F]`` float32 + ``ok [n]`` uint8 + errors (JSON metadata)."""
+    write_chunk(cache_dir, c, chunk_payload(key, c, feats, ok, errors))
+
+
+def _load_chunk(cache_dir: Path, c: int, key: str, n: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
+    """Chunk c if present, whole and made with ``key`` (else None; a damaged file is removed)."""
+    path = cache_dir / _chunk_name(c)
+    if not path.is_file():
+        return None
+    try:
+        got = parse_chunk(path.read_bytes(), c, key, n, feature_dim)
+    except OSError:
+        got = None
+    if got is None:
+        path.unlink(missing_ok=True)
+    return got
 
 
 # -- extraction -------------------------------------------------------------------------------------
 def _batches(start: int, stop: int, batch_size: int) -> Iterator[list[int]]:
     for b in range(start, stop, batch_size):
         yield list(range(b, min(b + batch_size, stop)))
+
+
+def extract_chunk(paths: Sequence[str], *, backbone: Backbone, batch_size: int,
+                  root: str | None = None) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """One cache chunk in one process, with the batch boundaries of :func:`extract_features`.
+
+    What a Ray worker runs (:mod:`geoloc.distributed`): the same :func:`~geoloc.encoder.decode_with`
+    and :func:`~geoloc.encoder.pooled` as the local path, on the same batches (``batch_size``
+    images from the chunk's start; undecodable images are left out of their batch), so the
+    features are the local path's bit for bit on the same device and torch thread count.
+
+    Args:
+        paths: the chunk's n image files, as the caller named them (errors report these names).
+        root: folder that relative ``paths`` are relative to (the caller's working directory).
+    Returns:
+        ``(features [n_ok, F] float32, ok [n] bool, [(path, reason), ...])``.
+    """
+    side, transform = short_side(backbone), backbone.transform_fn
+    ok = np.zeros(len(paths), dtype=bool)
+    rows: list[np.ndarray] = []
+    errors: list[tuple[str, str]] = []
+    for batch in _batches(0, len(paths), batch_size):
+        xs = []
+        for i in batch:
+            try:
+                xs.append(decode_with(os.path.join(root, paths[i]) if root else paths[i], transform=transform, side=side))
+                ok[i] = True
+            except ImageError as err:
+                errors.append((paths[i], err.problem))
+        if xs:
+            rows.extend(pooled(backbone, torch.stack(xs)).numpy())
+    feats = np.stack(rows).astype(np.float32) if rows else np.zeros((0, backbone.feature_dim), np.float32)
+    return feats, ok, errors
 
 
 def extract_features(
@@ -225,6 +291,11 @@ def extract_features(
     progress: bool = True,
     desc: str = "extract",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    engine: str = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    backbone_config: BackboneConfig | None = None,
 ) -> Extraction:
     """Descriptors of N images with ``backbone``.
 
@@ -234,6 +305,19 @@ def extract_features(
         num_workers: DataLoader decode workers (0 = decode in this process).
         cache_dir: folder of a resumable chunk cache (created if needed), or None for no cache.
         chunk_size: images per cache chunk; part of the cache key.
+        engine: ``"local"`` (this process and its DataLoader workers) or ``"ray"``: the chunks
+            still to extract are embedded by Ray Data actors (:mod:`geoloc.distributed`), each
+            with its own copy of the backbone; results are identical and share the cache.
+        ray_address: ``engine="ray"`` only: the cluster to join (``"auto"``, ``"HOST:PORT"``);
+            None joins the Ray session already running in this process, or starts a local one.
+        workers: ``engine="ray"`` only: number of actors (default: one per CPU of the cluster,
+            or one per GPU when ``backbone`` is on CUDA).
+        threads_per_worker: ``engine="ray"`` only: torch threads in each actor (default: this
+            process's ``torch.get_num_threads()``, so that CPU features equal the local path's
+            bit for bit; conv nets' CPU results can change in the last bit with the thread count).
+        backbone_config: ``engine="ray"`` only: the config ``backbone`` was created from (each
+            actor creates its own with :func:`geoloc.backbones.create_backbone` and checks its
+            fingerprint); None derives it from ``backbone``.
     Returns:
         :class:`Extraction` with ``features [N_ok, F]`` float32 L2-normalised, ``ok [N]`` bool,
         ``errors`` and the count of reused/extracted chunks.
@@ -243,6 +327,8 @@ def extract_features(
     if batch_size < 1 or chunk_size < 1 or num_workers < 0:
         raise GeolocError(f"batch_size and chunk_size must be >= 1 and num_workers >= 0 "
                           f"(got {batch_size}, {chunk_size}, {num_workers})")
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown extraction engine {engine!r}: use one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
     spaths = [str(p) for p in paths]
     n, fdim = len(spaths), backbone.feature_dim
@@ -256,6 +342,7 @@ def extract_features(
     key = ""
     cdir = Path(cache_dir) if cache_dir is not None else None
     reused = 0
+    chunk_keys = [""] * n_chunks
     if cdir is not None and n:
         # absolute paths: the same images named relatively or absolutely share one cache
         key = _cache_key(backbone, chunk_size, side)
@@ -268,14 +355,36 @@ def extract_features(
                 reused += 1
 
     todo = [c for c in range(n_chunks) if feats_c[c] is None]
-    batch_list = [b for c in todo for b in _batches(c * chunk_size, c * chunk_size + chunk_len[c], batch_size)]
+    if todo and engine == "ray":
+        from geoloc.distributed import ray_chunks
+
+        bar = tqdm(total=sum(chunk_len[c] for c in todo), desc=desc, unit="img", disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            jobs = [(c, chunk_keys[c], spaths[c * chunk_size : c * chunk_size + chunk_len[c]]) for c in todo]
+            for c, data in ray_chunks(jobs, backbone=backbone, config=backbone_config, batch_size=batch_size,
+                                      address=ray_address, workers=workers, threads=threads_per_worker):
+                got = parse_chunk(data, c, chunk_keys[c], chunk_len[c], fdim)
+                if got is None:
+                    raise GeolocError(f"a Ray worker returned a damaged feature chunk {c}: check that every "
+                                      f"node runs the same geoloc version")
+                if cdir is not None:
+                    write_chunk(cdir, c, data)
+                feats_c[c], ok_c[c], err_c[c] = got
+                bar.update(chunk_len[c])
+        finally:
+            bar.close()
+        todo_local: list[int] = []
+    else:
+        todo_local = todo
+    batch_list = [b for c in todo_local for b in _batches(c * chunk_size, c * chunk_size + chunk_len[c], batch_size)]
     if batch_list:
         loader = image_batches(spaths, backbone=backbone, batches=batch_list, num_workers=num_workers)
         # Per chunk in progress: rows by local index, errors, count of images seen.
-        rows: dict[int, dict[int, np.ndarray]] = {c: {} for c in todo}
-        bad: dict[int, list[tuple[int, str]]] = {c: [] for c in todo}
-        seen = {c: 0 for c in todo}
-        bar = tqdm(total=sum(chunk_len[c] for c in todo), desc=desc, unit="img", disable=not progress,
+        rows: dict[int, dict[int, np.ndarray]] = {c: {} for c in todo_local}
+        bad: dict[int, list[tuple[int, str]]] = {c: [] for c in todo_local}
+        seen = {c: 0 for c in todo_local}
+        bar = tqdm(total=sum(chunk_len[c] for c in todo_local), desc=desc, unit="img", disable=not progress,
                    dynamic_ncols=True)
         try:
             for idx, x, failed in loader:

@@ -256,3 +256,53 @@ def test_relative_and_absolute_paths_share_the_cache(tmp_path, tiny, monkeypatch
     again = extract_features([Path(p).resolve().relative_to(tmp_path) for p in paths], backbone=tiny, cache_dir=cache, **kw)
     assert (again.reused_chunks, again.extracted_chunks) == (3, 0)
     _same(again, first)
+
+
+# -- the Ray engine's pieces, without Ray (tests/test_ray.py runs them on a cluster) -----------------
+def test_ray_engine_without_ray_says_what_to_install(tmp_path, tiny, monkeypatch):
+    from geoloc.errors import ConfigError, DependencyError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    paths = _make_images(tmp_path, 2)
+    with pytest.raises(DependencyError) as err:
+        extract_features(paths, backbone=tiny, engine="ray", progress=False)
+    assert str(err.value) == 'ray is not installed: pip install -e ".[cpu,ray]"'
+    with pytest.raises(ConfigError, match="unknown extraction engine 'spark'"):
+        extract_features(paths, backbone=tiny, engine="spark", progress=False)
+
+
+def test_chunk_worker_matches_the_local_path_and_checks_the_weights(tmp_path, tiny):
+    """The Ray actor's code, run in this process: same chunk bytes' content as the local path,
+    fine-tuned weights shipped to it, and a one-line refusal of other weights."""
+    from geoloc.distributed import ChunkWorker, config_of
+    from geoloc.extract import chunk_payload, extract_chunk, parse_chunk
+
+    paths, _ = _with_bad(tmp_path, _make_images(tmp_path, 7))  # 10 paths
+    tuned = dataclasses.replace(tiny, model=create_backbone(BackboneConfig(name="test_tiny", weights="random")).model)
+    with torch.no_grad():
+        for p in tuned.model.parameters():
+            p.mul_(1.5)
+    tuned.refresh_fingerprint()
+    cfg = config_of(tuned)
+    assert (cfg.name, cfg.weights, cfg.image_size) == ("test_tiny", "random", tiny.input_size)
+    state = {k: v.numpy() for k, v in tuned.model.state_dict().items()}
+    kw = dict(config={k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, device="cpu", threads=1,
+              batch_size=3, root=str(tmp_path))
+    names = [Path(p).name for p in paths]  # relative to root
+    batch = {"chunk": np.array([0]), "key": np.array(["k"]), "paths": np.array([json.dumps(names)])}
+    threads = torch.get_num_threads()
+    try:
+        out = ChunkWorker(fingerprint=tuned.fingerprint, tuned=state, **kw)(batch)
+        refused = ChunkWorker(fingerprint=tuned.fingerprint, tuned=None, **kw)(batch)  # plain random weights
+    finally:
+        torch.set_num_threads(threads)  # the worker sets its own thread count
+    assert out["failure"][0] == "" and int(out["chunk"][0]) == 0
+    feats, ok, errors = parse_chunk(out["payload"][0], 0, "k", len(paths), tiny.feature_dim)
+    local = extract_features(paths, backbone=tuned, batch_size=3, num_workers=0, progress=False)
+    assert np.array_equal(feats, local.features) and np.array_equal(ok, local.ok)
+    assert errors == [(Path(p).name, r) for p, r in local.errors]
+    assert parse_chunk(out["payload"][0], 1, "k", len(paths), tiny.feature_dim) is None  # another chunk's number
+    assert parse_chunk(chunk_payload("k", 0, *extract_chunk([str(p) for p in paths], backbone=tuned, batch_size=3)),
+                       0, "k", len(paths), tiny.feature_dim) is not None
+    assert refused["payload"][0] == b"" and "same weights" in refused["failure"][0]
+    assert "\n" not in refused["failure"][0]
