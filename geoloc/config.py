@@ -151,13 +151,16 @@ def setting(default: Any, check: Choice | Range | Text | Parsed | None = None, *
 
 
 class _Section:
-    """Base of the config sections: values are coerced and checked at construction."""
+    """Base of the config sections. Values are checked when set through :class:`Config`
+    (files, flags, ``--set``, :meth:`Config.set`); a section built directly in code, e.g.
+    ``IndexConfig(quantizer="flat")``, is checked by :meth:`check`."""
 
     _name = ""
 
-    def __post_init__(self) -> None:
+    def check(self, *, source: str = "") -> "_Section":
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            setattr(self, f.name, check_value(self, f.name, getattr(self, f.name), source=type(self).__name__))
+            setattr(self, f.name, check_value(self, f.name, getattr(self, f.name), source=source or type(self).__name__))
+        return self
 
 
 # -- the sections -------------------------------------------------------------------------------
@@ -318,9 +321,7 @@ class Config:
     def validate(self, *, source: str = "config") -> "Config":
         """Re-check every value (for configs changed by attribute assignment)."""
         for section in SECTIONS:
-            sec = getattr(self, section)
-            for f in dataclasses.fields(sec):
-                setattr(sec, f.name, check_value(sec, f.name, getattr(sec, f.name), source=source))
+            getattr(self, section).check(source=source)
         return self
 
     def save_yaml(self, path: str | Path) -> None:

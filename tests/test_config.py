@@ -54,12 +54,16 @@ def test_good_values_are_coerced_to_the_key_type():
     assert cfg.backbone.weights == "/w/0123.safetensors" and cfg.backbone.name == "1e3"  # text keys stay text
 
 
-def test_sections_constructed_directly_are_checked_too():
+def test_sections_built_in_code_are_checked_on_demand():
     from geoloc.config import IndexConfig
 
-    assert IndexConfig(quantizer="flat", lsh_k_factor=16).lsh_k_factor == 16.0
-    with pytest.raises(ConfigError, match="index.quantizer"):
-        IndexConfig(quantizer="bogus")
+    assert IndexConfig(quantizer="flat", lsh_k_factor=16).check().lsh_k_factor == 16.0
+    with pytest.raises(ConfigError, match="index.quantizer = 'bogus'"):
+        IndexConfig(quantizer="bogus").check()
+    cfg = Config()
+    cfg.train.epochs = -1  # attribute assignment is not checked until validate()
+    with pytest.raises(ConfigError, match="train.epochs = -1"):
+        cfg.validate()
 
 
 def test_every_key_declares_its_check():
