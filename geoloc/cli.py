@@ -245,6 +245,10 @@ def build_index_cmd(
     _check_input(database, "--database")
     _check_out_dir(out_dir, "--out")
     _require_faiss()
+    import geoloc.bundle
+
+    if hasattr(geoloc.bundle, "check_output"):  # refuses a folder that is not a bundle, before any work
+        geoloc.bundle.check_output(out_dir)
     from geoloc.build import build_index
 
     rep = build_index(database=database, out=out_dir, config=cfg, progress=not quiet,

@@ -12,7 +12,7 @@ Exit codes (the one table; the CLI and the README follow it)::
     2    usage or setup: bad flag, bad config value or file, missing package (faiss)
          ConfigError, DependencyError, click usage errors
     3    bad or damaged input: dataset, image, bundle, backbone weights
-         DatasetError, ImageError, BundleError, BackboneError
+         DatasetError, ImageError, BundleError, BackboneError, InputFileError
     4    partial success: the command finished but some inputs were skipped (unreadable
          query images in ``query`` or ``eval``); the answered ones are printed and written
     5    output cannot be written: not writable, read-only file system, no space, a folder
@@ -71,6 +71,12 @@ class ImageError(GeolocError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class InputFileError(GeolocError):
+    """A file to read is not a regular file (FIFO, device, folder) or is larger than allowed."""
+
+    exit_code = EXIT_INPUT
 
 
 class BundleError(GeolocError):

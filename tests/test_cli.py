@@ -284,3 +284,16 @@ def test_utm_zone_reaches_the_dataset_reader(bundle, tmp_path, monkeypatch):
     assert seen["utm_zone"] == "33U"
     res = runner.invoke(app, ["eval", "--index", str(bundle / "idx"), "--queries", str(bundle / "ds"), "--utm-zone", "99Z"])
     assert res.exit_code == EXIT_USAGE and "data.utm_zone" in _one_error_line(res)
+
+
+def test_build_index_refuses_a_foreign_folder_before_any_work(bundle, tmp_path, monkeypatch):
+    import geoloc.build
+
+    monkeypatch.setattr(geoloc.build, "build_index", lambda **k: (_ for _ in ()).throw(AssertionError("built")))
+    app_dir = tmp_path / "myapp"
+    (app_dir / "src").mkdir(parents=True)
+    (app_dir / "manifest.json").write_text('{"name": "my web app"}')
+    (app_dir / "src" / "main.js").write_text("console.log(1)")
+    res = runner.invoke(app, ["build-index", "--database", str(bundle / "ds"), "--out", str(app_dir)])
+    assert res.exit_code == EXIT_OUTPUT and str(app_dir) in _one_error_line(res)
+    assert (app_dir / "src" / "main.js").read_text() == "console.log(1)"
