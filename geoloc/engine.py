@@ -21,12 +21,12 @@ import numpy as np
 
 from geoloc.backbones import Backbone, create_backbone
 from geoloc.bundle import Bundle, check_backbone, read_bundle
-from geoloc.config import Config
+from geoloc.config import MODES, Config
 from geoloc.encoder import EXTERNAL, Encoder
 from geoloc.errors import BundleError, ConfigError, ImageError
 from geoloc.timings import StageTimes
 
-MODES = ("classify", "retrieve", "hybrid")
+__all__ = ["MODES", "Localizer", "Prediction", "QueryOptions"]
 
 
 @dataclass
@@ -114,8 +114,10 @@ class Localizer:
              device: str | None = None) -> "Localizer":
         """Load ``path`` (checksums and format verified), creating its backbone unless one is given.
 
-        ``config`` overrides the bundle's own query-time options; a ``backbone`` (or a
-        ``config.backbone``) other than the bundle's is refused, saying what differs.
+        ``config`` replaces the bundle's stored config for this process (pass the bundle's own,
+        ``read_bundle(path).config``, with query-time overrides applied: the CLI does so via
+        :func:`geoloc.config.collect_overrides`); a ``backbone`` (or a ``config.backbone``)
+        other than the bundle's is refused, saying what differs.
         """
         bundle = read_bundle(Path(path), config=config)
         if backbone is None and bundle.manifest["backbone"]["name"] != EXTERNAL:

@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from geoloc.engine import MODES, Localizer, QueryOptions
+from geoloc.config import MODES
+from geoloc.engine import Localizer, QueryOptions
 from geoloc.errors import ConfigError, DatasetError
 from geoloc.geo import geodesic_m
 from geoloc.records import Records

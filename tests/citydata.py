@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from geoloc.config import PRESET_DIR
 from geoloc.geo import latlon_to_utm
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+TINY_CONFIG = PRESET_DIR / "tiny.yaml"
 
 
 def place_image(east: float, north: float, rng: np.random.Generator, size: int = 64) -> Image.Image:
