@@ -195,6 +195,45 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def check_output_file(path: Path, *, flag: str = "--out") -> None:
+    """Check, before any work, that a result file can be written at ``path`` (one line if not).
+
+    Refuses a folder, a FIFO or socket in the way, a missing ancestor that is a file, and a
+    place that cannot be written (read-only file system, permission). A missing parent folder
+    is fine when it can be created. Writes nothing but a probe file that it removes.
+
+    Raises:
+        OutputError: naming ``path`` and ``flag``.
+    """
+    import tempfile
+
+    path = Path(path)
+    where = one_line(path)
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as err:
+        raise OutputError(f"{where}: cannot be examined ({one_line(err.strerror or err)}); choose another {flag}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{where}: is a folder; {flag} needs a file name")
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        raise OutputError(f"{where}: is {_kind(st.st_mode)}; {flag} needs a regular file")
+    anc = path.parent
+    while not os.path.lexists(anc) and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"{one_line(anc)}: is not a folder, so {where} cannot be written; choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=anc, prefix=".geoloc-probe-")
+    except OSError as err:
+        raise (write_failure(err, path) or OutputError(
+            f"{where}: cannot write in {one_line(anc)} ({one_line(err.strerror or err)}); choose another {flag}")) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False).encode("utf-8"))
 

@@ -583,3 +583,27 @@ def test_records_heading_replace_keeps_other_fields(pristine):
     b = read_bundle(pristine)
     r = dataclasses.replace(b.records, heading=np.zeros(len(b.records), np.float32))
     assert r.paths == b.records.paths and np.array_equal(r.lat, b.records.lat)
+
+
+def test_check_output_file_before_work(tmp_path, monkeypatch):
+    from geoloc.fileio import check_output_file
+
+    check_output_file(tmp_path / "new" / "preds.json", flag="--predictions")  # a parent to create is fine
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(OutputError, match="is a folder; --json needs a file name"):
+        check_output_file(tmp_path, flag="--json")
+    os.mkfifo(tmp_path / "p.json")
+    with alarm(5), pytest.raises(OutputError, match="FIFO"):
+        check_output_file(tmp_path / "p.json")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="is not a folder"):
+        check_output_file(tmp_path / "f" / "out.json")
+    import tempfile
+
+    def rofs(*_a, **_k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", rofs)
+    with pytest.raises(OutputError, match="read-only") as err:
+        check_output_file(tmp_path / "out.json")
+    assert err.value.exit_code == 5
