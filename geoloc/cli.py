@@ -21,7 +21,6 @@ always prints JSON (only JSON) to stdout.
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import os
 import sys
@@ -234,6 +233,9 @@ def build_index_cmd(
     utm_zone: Optional[str] = _cfg_opt("data.utm_zone", "--utm-zone",
                                        help="UTM zone of images named only @east@north@, e.g. 10S."),
     device: Optional[str] = _cfg_opt("backbone.device", "--device", help="auto, cpu, cuda or cuda:N."),
+    descriptors: Optional[Path] = typer.Option(None, "--descriptors",
+                                               help="Use descriptors computed elsewhere (.npz with paths and "
+                                                    "descriptors, keyed by database path) instead of a backbone."),
     sets: Optional[List[str]] = SetOpt(),
     quiet: bool = QuietOpt(),
 ) -> None:
@@ -244,14 +246,15 @@ def build_index_cmd(
                                        "--utm-zone": ("data.utm_zone", utm_zone), "--device": ("backbone.device", device)})
     _check_input(database, "--database")
     _check_out_dir(out_dir, "--out")
+    if descriptors is not None:
+        _check_input(str(descriptors), "--descriptors")
     _require_faiss()
-    import geoloc.bundle
+    from geoloc.bundle import check_output
 
-    if hasattr(geoloc.bundle, "check_output"):  # refuses a folder that is not a bundle, before any work
-        geoloc.bundle.check_output(out_dir)
+    check_output(out_dir)  # refuses a folder that is not a bundle, before any work
     from geoloc.build import build_index
 
-    rep = build_index(database=database, out=out_dir, config=cfg, progress=not quiet,
+    rep = build_index(database=database, out=out_dir, config=cfg, progress=not quiet, descriptors=descriptors,
                       log=(lambda m: None) if quiet else (lambda m: err.print(m, markup=False)))
     t = Table(title=f"bundle written: {rep.out}", show_header=False)
     for k, v in [("images used", rep.images_used), ("images skipped", rep.images_skipped),
@@ -317,9 +320,30 @@ def _query_config(index: Path, config: Optional[str], sets: Optional[List[str]],
     return _bundle_config(index, overrides)
 
 
+def _query_inputs(items: List[Path]) -> list[str]:
+    """Image files, folders (every image below, sorted) and list files (``.txt``/``.lst``: one
+    image path per line, relative to the list's folder) -> image paths, in order."""
+    from geoloc.data import list_images
+
+    paths: list[str] = []
+    for item in items:
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise DatasetError(f"{one_line(str(item))}: no images in this folder")
+            paths += [str(item / f) for f in found]
+        elif item.suffix.lower() in (".txt", ".lst") and item.is_file():
+            with open(item, encoding="utf-8") as fh:
+                lines = [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+            paths += [ln if os.path.isabs(ln) else str(item.parent / ln) for ln in lines]
+        else:
+            paths.append(str(item))
+    return paths
+
+
 @app.command("query")
 def query_cmd(
-    images: List[Path] = typer.Argument(..., help="Image files to localise."),
+    images: List[Path] = typer.Argument(..., help="Image files, folders of images, or list files (.txt, one path a line)."),
     index: Path = typer.Option(..., "--index", "-i", help="Bundle folder."),
     config: Optional[str] = ConfigOpt(),
     mode: Optional[ModeName] = _mode_opt(with_all=False, default=None),
@@ -329,45 +353,65 @@ def query_cmd(
                                                    "Config key query.neighbours."),
     device: Optional[str] = _cfg_opt("backbone.device", "--device", help="auto, cpu, cuda or cuda:N.", of="the bundle's"),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list to stdout instead of the text."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="Stream one JSON line per image to stdout as it is answered."),
     sets: Optional[List[str]] = SetOpt(),
 ) -> None:
-    """Localise images against a bundle. Bad images get one error line each (exit 4); the rest are answered."""
+    """Localise images against a bundle. Bad images get one error line each (exit 4); the rest are answered.
+
+    Images are read in batches of backbone.batch_size, so memory stays bounded whatever their number.
+    """
+    if as_json and jsonl:
+        raise ConfigError("--json and --jsonl both print to stdout; pass one of them")
     cfg = _query_config(index, config, sets, {"--mode": ("query.mode", mode), "--top-cells": ("query.top_cells", top_cells),
                                               "--neighbours": ("query.neighbours", neighbours),
                                               "--device": ("backbone.device", device)})
+    paths = _query_inputs(images)
     from geoloc.engine import Localizer
 
     loc = Localizer.load(index, config=cfg)
     q = cfg.query
-    results = loc.localize([str(p) for p in images], mode=q.mode, top_cells=q.top_cells, neighbours=q.neighbours)
-    good = [r for r in results if not isinstance(r, ImageError)]
-    for r in results:
+    n_good = n_bad = 0
+    collected = []
+    for r in loc.iter_localize(paths, mode=q.mode, top_cells=q.top_cells, neighbours=q.neighbours):
         if isinstance(r, ImageError):
+            n_bad += 1
             err.print(f"error: {one_line(str(r))}", markup=False)
+            continue
+        n_good += 1
+        if jsonl:
+            typer.echo(json.dumps(r.to_json()))
+        elif as_json:
+            collected.append(r.to_json())
+        else:
+            stages = "  ".join(f"{k} {v:.1f}" for k, v in r.timings_ms.items())
+            out.print(f"[bold]{r.image}[/bold]  ({r.mode})\n"
+                      f"  lat/lon  {r.lat:.6f}, {r.lon:.6f}   UTM {r.zone}{r.hemisphere} {r.east:.1f} E {r.north:.1f} N\n"
+                      f"  cell     {r.cell} (p={r.cell_pq[0]}, q={r.cell_pq[1]})   score {r.score:.3f}\n"
+                      f"  match    {r.match or '-'}\n  ms       {stages}", highlight=False)
     if as_json:
-        typer.echo(json.dumps([p.to_json() for p in good], indent=2))
-    else:
-        for p in good:
-            stages = "  ".join(f"{k} {v:.1f}" for k, v in p.timings_ms.items())
-            out.print(f"[bold]{p.image}[/bold]  ({p.mode})\n"
-                      f"  lat/lon  {p.lat:.6f}, {p.lon:.6f}   UTM {p.zone}{p.hemisphere} {p.east:.1f} E {p.north:.1f} N\n"
-                      f"  cell     {p.cell} (p={p.cell_pq[0]}, q={p.cell_pq[1]})   score {p.score:.3f}\n"
-                      f"  match    {p.match or '-'}\n  ms       {stages}", highlight=False)
-    if len(good) < len(results):
-        raise typer.Exit(EXIT_PARTIAL if good else EXIT_INPUT)
+        typer.echo(json.dumps(collected, indent=2))
+    if n_bad:
+        raise typer.Exit(EXIT_PARTIAL if n_good else EXIT_INPUT)
 
 
 def _load_queries(source: str, utm_zone: str) -> Any:
     from geoloc.data import load_records
 
-    kw: dict[str, Any] = {"split": "queries"}
-    if utm_zone:
-        params = inspect.signature(load_records).parameters
-        if "utm_zone" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise ConfigError("--utm-zone / data.utm_zone: this geoloc's dataset reader cannot take a zone yet; "
-                              "name the images with their zone (@east@north@zone@band@...)")
-        kw["utm_zone"] = utm_zone
-    return load_records(source, **kw)
+    return load_records(source, split="queries", utm_zone=utm_zone or None)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected integers, e.g. {flag} 1,5,10,20") from None
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected distances in metres, e.g. {flag} 25,100") from None
 
 
 @app.command("eval")
@@ -386,32 +430,63 @@ def eval_cmd(
     device: Optional[str] = _cfg_opt("backbone.device", "--device", help="auto, cpu, cuda or cuda:N.", of="the bundle's"),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON to stdout instead of the table."),
     results_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON to this file."),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write one JSON line per query and mode."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write one JSON line per query and mode "
+                                               "(truth, top-N answers with path, lat/lon, score, error, correct)."),
+    recall_values: str = typer.Option("1,5,10,20", "--recall-values", help="The N of LR@N, e.g. 1,5,10,20."),
+    more_thresholds: Optional[str] = typer.Option(None, "--more-thresholds-m",
+                                                  help="Further thresholds reported in the JSON, e.g. 10,50,100."),
+    save_preds: int = typer.Option(0, "--save-preds", min=0, max=1000,
+                                   help="Save image strips (query, then its top-N matches framed green/red) of this "
+                                        "many queries per mode under <--out's folder or runs/eval>/preds/."),
+    only_wrong: bool = typer.Option(False, "--only-wrong", help="With --save-preds: only queries answered wrongly."),
+    query_descriptors: Optional[Path] = typer.Option(None, "--query-descriptors",
+                                                     help="Queries as descriptors computed elsewhere (.npz with paths "
+                                                          "and descriptors), for a bundle built with --descriptors."),
     sets: Optional[List[str]] = SetOpt(),
     quiet: bool = QuietOpt(),
 ) -> None:
-    """LR@1/5/10, median error and ms per query per stage, for each mode."""
+    """LR@N (N = --recall-values), median error and ms per query per stage, for each mode."""
     cfg = _query_config(index, config, sets, {
         "--top-cells": ("query.top_cells", top_cells), "--neighbours": ("query.neighbours", neighbours),
         "--threshold-m": ("query.threshold_m", threshold_m), "--utm-zone": ("data.utm_zone", utm_zone),
         "--device": ("backbone.device", device)})
     _check_input(queries, "--queries")
+    from geoloc.evaluate import check_eval_settings
+
+    ns = _int_list(recall_values, "--recall-values")
+    extra = _float_list(more_thresholds, "--more-thresholds-m") if more_thresholds else []
+    check_eval_settings([cfg.query.threshold_m, *extra], ns)
+    preds_dir = ((results_out.parent if results_out else Path("runs") / "eval") / "preds") if save_preds else None
+    if preds_dir is not None:
+        _check_out_dir(preds_dir, "--save-preds")
     if results_out is not None and predictions is not None and results_out.absolute() == predictions.absolute():
         raise OutputError(f"--out and --predictions both name {results_out}; pass two different files")
     _prepare_out_file(results_out, "--out")
     _prepare_out_file(predictions, "--predictions")
     from geoloc.engine import Localizer
-    from geoloc.evaluate import evaluate
+    from geoloc.evaluate import evaluate, query_descriptors as read_query_descriptors
 
     loc = Localizer.load(index, config=cfg)
     q = _load_queries(queries, cfg.data.utm_zone)
     q_cfg = cfg.query
+    if save_preds and predictions is None:
+        predictions = preds_dir / "predictions.jsonl"
     with _progress(quiet, "embedding queries") as tick:
-        rep = evaluate(loc, q, modes=MODES if mode == "all" else (mode,), top_cells=q_cfg.top_cells,
-                       neighbours=q_cfg.neighbours, threshold_m=q_cfg.threshold_m, predictions=predictions,
-                       progress=tick)
+        src = read_query_descriptors(loc, q, query_descriptors) if query_descriptors is not None else q
+        rep = evaluate(loc, src, modes=MODES if mode == "all" else (mode,), top_cells=q_cfg.top_cells,
+                       neighbours=q_cfg.neighbours, threshold_m=q_cfg.threshold_m, thresholds_m=extra,
+                       recall_values=ns, predictions=predictions, progress=tick)
+    if save_preds:
+        from geoloc.visualize import prediction_strips, read_predictions
+
+        rows = read_predictions(predictions)
+        for m in rep.modes:
+            strips = prediction_strips([r for r in rows if r["mode"] == m], preds_dir / m, n=min(max(ns), 10),
+                                       only_wrong=only_wrong, limit=save_preds)
+            err.print(f"{len(strips)} {m} strips in {preds_dir / m}", markup=False)
     results = json.dumps(rep.to_json(), indent=2)
-    summary = f"{rep.queries} queries, threshold {q_cfg.threshold_m:g} m, top cells {rep.top_cells}"
+    summary = (f"{rep.queries} queries, threshold {q_cfg.threshold_m:g} m, top cells {rep.top_cells}; "
+               f"{rep.queries_without_positive} queries have no database image within {q_cfg.threshold_m:g} m")
     if as_json:
         typer.echo(results)
         err.print(summary, markup=False)
@@ -457,6 +532,33 @@ class _progress:
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
+
+
+@app.command("export")
+def export_cmd(
+    index: Path = typer.Option(..., "--index", "-i", help="Bundle folder."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write database.npz, queries.npz, pairs.txt."),
+    queries: Optional[str] = typer.Option(None, "--queries", help="Query folder or CSV: embed them, and write pairs."),
+    pairs_top: int = typer.Option(20, "--pairs-top", min=1, max=1000, help="Matches per query in pairs.txt."),
+    mode: Literal["retrieve", "hybrid"] = typer.Option("hybrid", "--mode", "-m", help="Mode that ranks the pairs."),
+    utm_zone: Optional[str] = _cfg_opt("data.utm_zone", "--utm-zone", help="UTM zone of queries named @east@north@."),
+    sets: Optional[List[str]] = SetOpt(),
+) -> None:
+    """Descriptors with their paths (.npz) and an hloc pairs file of each query's top matches."""
+    cfg = _query_config(index, None, sets, {"--utm-zone": ("data.utm_zone", utm_zone)})
+    _check_out_dir(out_dir, "--out")
+    if queries is not None:
+        _check_input(queries, "--queries")
+    from geoloc.engine import Localizer
+    from geoloc.export import export_descriptors, write_pairs
+
+    loc = Localizer.load(index, config=cfg)
+    q = _load_queries(queries, cfg.data.utm_zone) if queries is not None else None
+    written = export_descriptors(loc, out_dir, queries=q)
+    if q is not None:
+        written.append(write_pairs(loc, q, out_dir / "pairs.txt", top=pairs_top, mode=mode))
+    for path in written:
+        out.print(str(path), highlight=False)
 
 
 # -- info, synth-city -------------------------------------------------------------------------------

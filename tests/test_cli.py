@@ -297,3 +297,36 @@ def test_build_index_refuses_a_foreign_folder_before_any_work(bundle, tmp_path, 
     res = runner.invoke(app, ["build-index", "--database", str(bundle / "ds"), "--out", str(app_dir)])
     assert res.exit_code == EXIT_OUTPUT and str(app_dir) in _one_error_line(res)
     assert (app_dir / "src" / "main.js").read_text() == "console.log(1)"
+
+
+def test_query_takes_folders_and_list_files_and_streams_jsonl(bundle, tmp_path):
+    qdir = bundle / "ds" / "queries"
+    imgs = sorted(qdir.iterdir())
+    lst = tmp_path / "list.txt"
+    lst.write_text("# two images\n" + "\n".join(str(p) for p in imgs[:2]) + "\n")
+    res = runner.invoke(app, ["query", str(qdir), str(lst), "--index", str(bundle / "idx"), "--jsonl",
+                              "--set", "backbone.batch_size=5"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["image"] for r in rows] == [str(p) for p in imgs] + [str(p) for p in imgs[:2]]
+    res = runner.invoke(app, ["query", str(imgs[0]), "--index", str(bundle / "idx"), "--json", "--jsonl"])
+    assert res.exit_code == 2 and "one of them" in res.stderr
+
+
+def test_eval_recall_values_save_preds_and_export(bundle, tmp_path):
+    res = runner.invoke(app, ["eval", "--index", str(bundle / "idx"), "--queries", str(bundle / "ds"),
+                              "--recall-values", "1,2,20", "--more-thresholds-m", "50", "--mode", "retrieve",
+                              "--out", str(tmp_path / "r" / "res.json"), "--save-preds", "3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    js = json.loads((tmp_path / "r" / "res.json").read_text())
+    assert js["recall_values"] == [1, 2, 20] and set(js["modes"]["retrieve"]["recall_by_threshold_m"]) == {"25", "50"}
+    assert "| LR@1 | LR@2 | LR@20 |" in res.stdout and "no database image within" in res.stdout
+    assert len(list((tmp_path / "r" / "preds" / "retrieve").glob("*.png"))) == 3
+    res = runner.invoke(app, ["eval", "--index", str(bundle / "idx"), "--queries", str(bundle / "ds"),
+                              "--recall-values", "0,5"])
+    assert res.exit_code == 2 and "recall value 0" in res.stderr
+    res = runner.invoke(app, ["export", "--index", str(bundle / "idx"), "--queries", str(bundle / "ds"),
+                              "--out", str(tmp_path / "x"), "--pairs-top", "4"])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in (tmp_path / "x").iterdir()} == {"database.npz", "queries.npz", "pairs.txt"}
+    assert len((tmp_path / "x" / "pairs.txt").read_text().splitlines()) == 4 * 12
