@@ -21,14 +21,39 @@ the CLS token after the final norm (timm ``global_pool='token'``), so F is the e
 ViTs are built with ``dynamic_img_size=True`` so any side that is a multiple of the patch size
 (14) works.
 
-Weights (``BackboneConfig.weights``): ``"default"`` (hub for DINOv2, the packaged file for
-EfficientNet-Lite0, random for ``test_tiny``), ``"random"`` (seeded: the same name and size
-always give the same weights and fingerprint), or a local file path (``.safetensors`` or a
-torch ``.pth``/``.pt`` state dict, read without pickle).
+Any timm model: ``backbone.name: "timm:<model_name>"`` (``timm:resnet18``,
+``timm:vit_small_patch14_dinov2.lvd142m``, ``timm:convnext_tiny.fb_in22k``...) is created with
+``num_classes=0`` (the model's own pooled features) and preprocessed with timm's own data config
+(``timm.data.resolve_model_data_config``: input size, mean/std, interpolation, crop_pct);
+``backbone.image_size`` (when not 0) overrides the side, and models that take ``img_size`` (ViTs)
+are built at that side, their position embeddings resampled from the checkpoint's grid by timm.
+
+Weights (``BackboneConfig.weights``): ``"default"`` (hub for DINOv2 and ``timm:`` models, the
+packaged file for EfficientNet-Lite0, random for ``test_tiny``), ``"random"`` (seeded: the same
+name and size always give the same weights and fingerprint), or a local file path
+(``.safetensors`` or a torch ``.pth``/``.pt`` state dict, read without pickle). Hub weights and a
+local file for a ViT (DINOv2, ``timm:``) take the same road: ``timm.create_model(pretrained=True)``,
+timm's checkpoint filter (original-DINOv2 key names converted, position embeddings resampled to
+the model's grid), strict load. So a checkpoint saved at the hub's native 518 px grid loads at
+224 px from a file exactly as it does from the hub.
+
+Resize (``backbone.resize``, read with ``getattr(cfg, "resize", "crop")``):
+
+* ``crop`` (default): timm's eval transform -- resize the short side to ``side / crop_pct``,
+  centre crop ``side x side``. A 4:3 street photo loses a quarter of its width (more with
+  ``crop_pct < 1``).
+* ``keep_aspect``: letterbox -- resize the *long* side to ``side`` (aspect kept, nothing
+  cropped), centre the picture on a ``side x side`` canvas of the normalisation mean (zeros after
+  normalising). The whole width of a 4:3 photo is seen, at 3/4 of the side in height; inputs stay
+  ``[3, side, side]``, so batching, ViT patch grids and every backbone work unchanged.
+
+The resize mode is part of :meth:`Backbone.describe` (bundle manifest, feature-cache key), so
+features made one way are never reused the other way.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import socket
@@ -41,13 +66,21 @@ from urllib.parse import urlparse
 import timm
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+import torchvision.transforms.functional as TF
+from timm.data import create_transform, resolve_data_config, resolve_model_data_config
 
 from geoloc.config import BackboneConfig
 from geoloc.errors import BackboneError
 
 __all__ = ["Backbone", "BuiltModel", "register_backbone", "list_backbones", "create_backbone",
-           "state_dict_fingerprint", "load_efficientnet_lite0_package_state_dict"]
+           "state_dict_fingerprint", "load_efficientnet_lite0_package_state_dict", "LetterboxTransform",
+           "RESIZE_MODES", "TIMM_PREFIX"]
+
+TIMM_PREFIX = "timm:"
+"""``backbone.name`` prefix for any timm model: ``timm:<model_name>``."""
+
+RESIZE_MODES = ("crop", "keep_aspect")
+"""``backbone.resize`` values: timm's centre crop, or a letterbox that keeps the whole picture."""
 
 RANDOM_SEED = 0
 """Seed of every random initialisation, so random backbones (tests) are reproducible."""
@@ -81,23 +114,25 @@ class Backbone:
     crop_pct: float = 1.0
     channels_last: bool = False
     """Conv nets run in channels-last memory format (about 1.6x faster on CPU for EfficientNet)."""
+    resize: str = "crop"
+    """'crop' (timm's eval transform) or 'keep_aspect' (letterbox, see the module docstring)."""
     _transform: Callable[[Image.Image], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def transform(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image (any size) -> ``[3, input_size, input_size]`` float32, normalised.
 
-        timm's eval transform: resize the short side to ``input_size / crop_pct``, centre crop,
-        to tensor, normalise with ``mean``/``std``.
+        ``resize='crop'``: timm's eval transform: resize the short side to ``input_size / crop_pct``,
+        centre crop, to tensor, normalise with ``mean``/``std``. ``resize='keep_aspect'``:
+        :class:`LetterboxTransform` (long side to ``input_size``, padded with the mean).
         """
-        if self._transform is None:
-            self._transform = _make_transform(self.model, self.input_size)
-        return self._transform(img)
+        return self.transform_fn(img)
 
     @property
     def transform_fn(self) -> Callable[[Image.Image], torch.Tensor]:
         """The bare transform callable (picklable; for DataLoader workers, without the model)."""
         if self._transform is None:
-            self._transform = _make_transform(self.model, self.input_size)
+            self._transform = _make_transform(resize=self.resize, side=self.input_size, mean=self.mean,
+                                              std=self.std, interpolation=self.interpolation, crop_pct=self.crop_pct)
         return self._transform
 
     def blocks(self) -> list[torch.nn.Module]:
@@ -148,6 +183,7 @@ class Backbone:
             "std": list(self.std),
             "interpolation": self.interpolation,
             "crop_pct": self.crop_pct,
+            "resize": self.resize,
             "weights_source": self.weights_source,
             "fingerprint": self.fingerprint,
             "feature_dim": self.feature_dim,
@@ -192,29 +228,54 @@ def list_backbones() -> list[str]:
 def create_backbone(cfg: BackboneConfig, *, device: str | None = None) -> Backbone:
     """Build the backbone ``cfg.name`` with ``cfg.weights`` at ``cfg.image_size`` on ``device``.
 
+    ``cfg.name`` is a registered name (:func:`list_backbones`) or ``timm:<model_name>``.
     ``device`` overrides ``cfg.device``; ``'auto'`` means cuda when available, else cpu.
+    ``getattr(cfg, "resize", "crop")`` picks the preprocessing (:data:`RESIZE_MODES`).
 
     Raises:
-        BackboneError: unknown name, bad size, weights not found or not matching, hub unreachable.
+        BackboneError: unknown name, bad size or resize mode, weights not found or not matching,
+            hub unreachable.
     """
-    if cfg.name not in _REGISTRY:
-        raise BackboneError(f"unknown backbone {cfg.name!r}; known backbones: {', '.join(list_backbones())}")
+    name = str(cfg.name).strip()
+    if name.startswith(TIMM_PREFIX):
+        builder: Builder = lambda **kw: _timm_model(name, name[len(TIMM_PREFIX):].strip(), **kw)  # noqa: E731
+    elif name in _REGISTRY:
+        builder = _REGISTRY[name]
+    else:
+        raise BackboneError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}, "
+                            f"or any timm model as {TIMM_PREFIX}<model_name> (e.g. {TIMM_PREFIX}resnet50)")
     if cfg.image_size < 0:
         raise BackboneError(f"backbone.image_size must be >= 0 (0 = the backbone's default), got {cfg.image_size}")
+    resize = str(getattr(cfg, "resize", "crop") or "crop").strip()
+    if resize not in RESIZE_MODES:
+        raise BackboneError(f"backbone.resize {resize!r} is not one of {', '.join(RESIZE_MODES)}; "
+                            "use --set backbone.resize=crop or keep_aspect")
     dev = _resolve_device(device if device is not None else cfg.device)
     weights = str(cfg.weights).strip() or "default"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-        built = _REGISTRY[cfg.name](weights=weights, image_size=int(cfg.image_size))
+        built = builder(weights=weights, image_size=int(cfg.image_size))
     model = built.model
     model.eval()
     model.requires_grad_(False)
     fingerprint = state_dict_fingerprint(model.state_dict())
     data_cfg = _data_config(model, built.input_size)
-    feature_dim = int(getattr(model, "num_features", 0) or 0)
     with torch.inference_mode():  # F from a real forward pass: no guessing from attributes
         probe = torch.zeros(1, 3, built.input_size, built.input_size)
-        feature_dim = int(model(probe).shape[-1])
+        try:
+            out = model(probe)
+        except Exception as err:  # noqa: BLE001 - a model that cannot run at this side
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise BackboneError(f"{name}: the model does not run on {built.input_size} px inputs "
+                                f"({type(err).__name__}: {first[:200]}); try another --set backbone.image_size") from None
+        if out.ndim != 2:
+            raise BackboneError(f"{name}: the model gives features of shape {tuple(out.shape)}, not pooled "
+                                "[B, F] vectors; pick a model with a pooling head")
+        feature_dim = int(out.shape[-1])
+    mean = tuple(float(v) for v in data_cfg["mean"])
+    std = tuple(float(v) for v in data_cfg["std"])
+    interpolation = str(data_cfg["interpolation"])
+    crop_pct = float(data_cfg.get("crop_pct", 1.0)) if resize == "crop" else 1.0
     channels_last = not hasattr(model, "patch_embed")  # conv nets; ViTs gain nothing
     model.to(dev)
     if channels_last:
@@ -224,16 +285,18 @@ def create_backbone(cfg: BackboneConfig, *, device: str | None = None) -> Backbo
         model=model,
         feature_dim=feature_dim,
         input_size=built.input_size,
-        mean=tuple(float(v) for v in data_cfg["mean"]),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in data_cfg["std"]),  # type: ignore[arg-type]
-        interpolation=str(data_cfg["interpolation"]),
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        interpolation=interpolation,
         weights_source=built.weights_source,
         fingerprint=fingerprint,
         timm_name=built.timm_name,
         device=dev,
-        crop_pct=float(data_cfg.get("crop_pct", 1.0)),
+        crop_pct=crop_pct,
         channels_last=channels_last,
-        _transform=create_transform(**data_cfg, is_training=False),
+        resize=resize,
+        _transform=(create_transform(**data_cfg, is_training=False) if resize == "crop" else
+                    LetterboxTransform(side=built.input_size, mean=mean, std=std, interpolation=interpolation)),
     )
 
 
@@ -268,8 +331,48 @@ def _data_config(model: torch.nn.Module, side: int) -> dict[str, Any]:
     return resolve_data_config({"input_size": (3, side, side)}, model=model)
 
 
-def _make_transform(model: torch.nn.Module, side: int) -> Callable[[Image.Image], torch.Tensor]:
-    return create_transform(**_data_config(model, side), is_training=False)
+def _make_transform(*, resize: str, side: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    interpolation: str, crop_pct: float) -> Callable[[Image.Image], torch.Tensor]:
+    if resize == "keep_aspect":
+        return LetterboxTransform(side=side, mean=mean, std=std, interpolation=interpolation)
+    return create_transform(input_size=(3, side, side), mean=mean, std=std, interpolation=interpolation,
+                            crop_pct=crop_pct, crop_mode="center", is_training=False)
+
+
+_INTERPOLATIONS = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR,
+                   "nearest": TF.InterpolationMode.NEAREST, "lanczos": TF.InterpolationMode.LANCZOS,
+                   "box": TF.InterpolationMode.BOX, "hamming": TF.InterpolationMode.HAMMING}
+
+
+class LetterboxTransform:
+    """RGB PIL image (any size) -> ``[3, side, side]`` float32, normalised, aspect kept, nothing cropped.
+
+    The long side is resized to ``side`` (timm's interpolation, antialiased), the picture is
+    normalised with ``mean``/``std`` and centred on a ``side x side`` canvas of zeros -- the mean
+    colour once normalised. A 640x480 photo becomes a 224x168 picture between two 28-row bands.
+    Picklable (DataLoader workers).
+    """
+
+    def __init__(self, *, side: int, mean: tuple[float, ...], std: tuple[float, ...], interpolation: str) -> None:
+        self.side = int(side)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.interpolation = interpolation
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        w, h = img.size
+        s = self.side / max(w, h, 1)
+        nw, nh = max(1, min(self.side, round(w * s))), max(1, min(self.side, round(h * s)))
+        mode = _INTERPOLATIONS.get(self.interpolation, TF.InterpolationMode.BICUBIC)
+        x = TF.to_tensor(TF.resize(img.convert("RGB"), [nh, nw], interpolation=mode, antialias=True))
+        x = TF.normalize(x, self.mean, self.std)
+        out = torch.zeros(3, self.side, self.side, dtype=torch.float32)
+        top, left = (self.side - nh) // 2, (self.side - nw) // 2
+        out[:, top:top + nh, left:left + nw] = x
+        return out
+
+    def __repr__(self) -> str:
+        return f"LetterboxTransform(side={self.side}, interpolation={self.interpolation!r})"
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -290,8 +393,10 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
             if isinstance(sd.get(key), dict):
                 sd = sd[key]
                 break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BackboneError(f"{path}: not a state dict of tensors")
+    if all(isinstance(k, str) and k.startswith("module.") for k in sd):  # saved from DataParallel/DDP
+        sd = {k[len("module."):]: v for k, v in sd.items()}
     return dict(sd)
 
 
@@ -391,9 +496,9 @@ def _hub_weights_cached(hf_hub_id: str) -> bool:
     return False
 
 
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """One TCP connect to the hub endpoint, DNS included, bounded by ``timeout`` seconds."""
-    url = urlparse(_hub_endpoint())
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S, endpoint: str | None = None) -> bool:
+    """One TCP connect to the hub endpoint (or ``endpoint``), DNS included, bounded by ``timeout`` seconds."""
+    url = urlparse(endpoint or _hub_endpoint())
     host = url.hostname or "huggingface.co"
     port = url.port or (443 if url.scheme != "http" else 80)
     result = [False]
@@ -411,10 +516,92 @@ def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     return result[0]
 
 
-def _hub_help(name: str) -> str:
-    return (f"{name}: the model hub ({_hub_endpoint()}) cannot be reached to download the default weights; "
+def _hub_help(name: str, endpoint: str | None = None) -> str:
+    return (f"{name}: the model hub ({endpoint or _hub_endpoint()}) cannot be reached to download the default weights; "
             f"pass a local weights file (--set backbone.weights=/path/to/file) or use the offline backbone "
             f"(--backbone efficientnet_lite0)")
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:limit]}" if text else type(err).__name__
+
+
+def _pretrained_cfg(name: str, timm_name: str) -> Any:
+    try:
+        return timm.models.get_pretrained_cfg(timm_name)
+    except RuntimeError as err:  # an unknown pretrained tag
+        raise BackboneError(f"{name}: {_first_line(err)}; pick a tag timm lists "
+                            f"(timm.list_pretrained({timm_name.split('.')[0] + '*'!r}))") from None
+
+
+def _create(timm_name: str, *, pretrained: bool, kwargs: dict[str, Any], **extra: Any) -> torch.nn.Module:
+    return timm.create_model(timm_name, pretrained=pretrained, **kwargs, **extra)
+
+
+def _create_timm(name: str, timm_name: str, *, weights: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, str]:
+    """``timm.create_model(timm_name, **kwargs)`` with ``weights`` 'random', 'default' (hub) or a file.
+
+    Hub weights and a local file both go through ``timm.create_model(pretrained=True)``: timm's
+    checkpoint filter (key conversion, position-embedding resampling to the model's grid), then a
+    load. The file is read by :func:`_read_weights_file` (safetensors, or a torch state dict with
+    ``weights_only=True``), its classifier dropped, and handed to timm as the pretrained state dict,
+    loaded strictly: a tensor missing or left over is an error, not a silently random layer.
+
+    Returns:
+        (model, weights_source) with weights_source 'random', 'hub' or 'file:PATH'.
+    """
+    if weights == "random":
+        try:
+            return _create(timm_name, pretrained=False, kwargs=kwargs), "random"
+        except Exception as err:  # noqa: BLE001
+            raise BackboneError(f"{name}: timm cannot build {timm_name} ({_first_line(err)})") from None
+    if weights == "default":
+        pcfg = _pretrained_cfg(name, timm_name)
+        hf_hub_id = getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
+        url = getattr(pcfg, "url", None) if pcfg is not None else None
+        if not hf_hub_id and not url:
+            raise BackboneError(f"{name}: timm publishes no weights for {timm_name}; "
+                                "use --set backbone.weights=random or a local weights file")
+        endpoint = None if hf_hub_id else url
+        cached = _hub_weights_cached(hf_hub_id) if hf_hub_id else _url_weights_cached(url)
+        if not cached and (_hub_offline() or not _hub_reachable(endpoint=endpoint)):
+            raise BackboneError(_hub_help(name, endpoint))
+        try:
+            model = _create(timm_name, pretrained=True, kwargs=kwargs)
+        except Exception as err:  # noqa: BLE001 - network, cache, format: all end here
+            raise BackboneError(f"{_hub_help(name, endpoint)} [{_first_line(err)}]") from None
+        return model, "hub"
+    path = Path(weights).expanduser()
+    state = _read_weights_file(path)
+    # timm loads non-strictly when it drops a classifier (num_classes=0), so weights of another
+    # model would load nothing, silently. Drop the classifier here and let timm load strictly.
+    pcfg = _pretrained_cfg(name, timm_name)
+    heads = getattr(pcfg, "classifier", None) if pcfg is not None else None
+    heads = (heads,) if isinstance(heads, str) else tuple(heads or ())
+    drop = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
+    state = {k: v for k, v in state.items() if k not in drop}
+    try:
+        model = _create(timm_name, pretrained=True, kwargs=kwargs, pretrained_strict=True,
+                        pretrained_cfg_overlay=dict(state_dict=state, source="", file=None, classifier=None))
+    except Exception as err:  # noqa: BLE001 - shapes, names: the file is for another model
+        raise BackboneError(f"{path}: cannot load these weights into {name} ({_first_line(err)}); "
+                            f"the file must hold a {timm_name} state dict") from None
+    for attr in ("pretrained_cfg", "default_cfg"):  # do not keep a second copy of the weights alive
+        pc = getattr(model, attr, None)
+        if isinstance(pc, dict) and "state_dict" in pc:
+            setattr(model, attr, {k: v for k, v in pc.items() if k != "state_dict"})
+    return model, f"file:{path}"
+
+
+def _url_weights_cached(url: str) -> bool:
+    """True when timm's torch-hub cache already holds the weights at ``url``."""
+    try:
+        from timm.models._hub import check_cached_file
+
+        return bool(check_cached_file(url))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _make_vit(name: str, timm_name: str, *, weights: str, image_size: int, default_side: int = 224) -> BuiltModel:
@@ -422,29 +609,44 @@ def _make_vit(name: str, timm_name: str, *, weights: str, image_size: int, defau
     patch = 14 if "patch14" in timm_name else 16
     _check_vit_side(name, side, patch)
     kwargs: dict[str, Any] = dict(num_classes=0, img_size=side, dynamic_img_size=True, global_pool="token")
-    if weights == "random":
-        return BuiltModel(timm.create_model(timm_name, pretrained=False, **kwargs), timm_name, "random", side)
-    if weights == "default":
-        pcfg = timm.models.get_pretrained_cfg(timm_name)
-        hf_hub_id = getattr(pcfg, "hf_hub_id", None)
-        if not hf_hub_id:
-            raise BackboneError(f"{name}: no published weights; use --set backbone.weights=random or a local file")
-        if not _hub_weights_cached(hf_hub_id) and (_hub_offline() or not _hub_reachable()):
-            raise BackboneError(_hub_help(name))
-        try:
-            model = timm.create_model(timm_name, pretrained=True, **kwargs)
-        except Exception as err:  # noqa: BLE001 - network, cache, format: all end here
-            raise BackboneError(f"{_hub_help(name)} [{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}]") from None
-        return BuiltModel(model, timm_name, "hub", side)
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise BackboneError(f"{path}: weights file not found; pass an existing file to --set backbone.weights=PATH")
+    model, source = _create_timm(name, timm_name, weights=weights, kwargs=kwargs)
+    return BuiltModel(model, timm_name, source, side)
+
+
+def _timm_model(name: str, timm_name: str, *, weights: str, image_size: int) -> BuiltModel:
+    """``timm:<model_name>``: any timm model, ``num_classes=0``, at timm's input size or ``image_size``.
+
+    With ``image_size`` set, models that take ``img_size`` (ViTs and kin) are built at that side
+    (timm resamples the checkpoint's position embeddings); the others (conv nets) run at any side.
+    """
+    if not timm_name:
+        raise BackboneError(f"backbone {name!r} names no timm model; write {TIMM_PREFIX}<model_name>, e.g. {TIMM_PREFIX}resnet50")
+    if not timm.is_model(timm_name):
+        arch = timm_name.split(".", 1)[0]
+        near = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(TIMM_PREFIX + n for n in near)}? " if near else ""
+        raise BackboneError(f"unknown timm model {timm_name!r} in backbone.name {name!r}; {hint}"
+                            f"see timm.list_models() for the names timm {timm.__version__} knows")
+    _pretrained_cfg(name, timm_name)  # an unknown pretrained tag is one line, before any work
+    kwargs: dict[str, Any] = dict(num_classes=0)
+    if image_size:
+        kwargs["img_size"] = image_size
     try:
-        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    except Exception as err:  # noqa: BLE001
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise BackboneError(f"{path}: cannot load these weights into {name} ({type(err).__name__}: {first[:300]})") from None
-    return BuiltModel(model, timm_name, f"file:{path}", side)
+        with torch.device("meta"):  # does the model take img_size? (no weights, no time)
+            _create(timm_name, pretrained=False, kwargs=kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise BackboneError(f"{name}: timm cannot build {timm_name} ({_first_line(err)})") from None
+        kwargs.pop("img_size")
+    except Exception:  # noqa: BLE001 - some models cannot be built on the meta device: try for real
+        pass
+    model, source = _create_timm(name, timm_name, weights=weights, kwargs=kwargs)
+    default = resolve_model_data_config(model)["input_size"]
+    side = image_size or int(max(default[1:]))
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if image_size and isinstance(patch, (tuple, list)) and len(set(patch)) == 1:
+        _check_vit_side(name, side, int(patch[0]))
+    return BuiltModel(model, timm_name, source, side)
 
 
 @register_backbone("dinov2_vits14")
