@@ -567,6 +567,40 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
         os.close(dfd)
 
 
+def read_verified_manifest(path: Path) -> dict[str, Any]:
+    """:func:`read_manifest` and :func:`verify_files` in one pinned read of the folder (what ``geoloc info`` needs).
+
+    Like :func:`read_bundle`, reads the manifest and every file through one descriptor of the
+    folder and starts again when a rebuild replaced it meanwhile, so a rebuild never causes a
+    false "checksum differs".
+    """
+    return _retrying(Path(path), lambda dfd: _verified_manifest(Path(path), dfd))
+
+
+def _verified_manifest(path: Path, dfd: int) -> dict[str, Any]:
+    manifest = _parse_manifest(path, _read_manifest_bytes(path, dfd))
+    for name, meta in manifest["files"].items():
+        _verify_member(path, name, meta, dfd, keep=False)
+    return manifest
+
+
+def _retrying(path: Path, read):
+    for attempt in range(READ_ATTEMPTS):
+        dfd = None
+        try:
+            dfd = _open_dir(path)
+            ident = os.fstat(dfd)
+            return read(dfd)
+        except BundleError:
+            if attempt == READ_ATTEMPTS - 1 or not _replaced(path, None if dfd is None else ident):
+                raise
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+        time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def read_bundle(path: Path, *, config: Config | None = None) -> Bundle:
     """Load and verify a bundle. ``config`` (default: the bundle's own) sets query-time options.
 
@@ -578,20 +612,7 @@ def read_bundle(path: Path, *, config: Config | None = None) -> Bundle:
         BundleError: one line naming the file or the inconsistency.
     """
     path = Path(path)
-    for attempt in range(READ_ATTEMPTS):
-        dfd = None
-        try:
-            dfd = _open_dir(path)
-            ident = os.fstat(dfd)
-            return _read_pinned(path, dfd, config)
-        except BundleError:
-            if attempt == READ_ATTEMPTS - 1 or not _replaced(path, None if dfd is None else ident):
-                raise
-        finally:
-            if dfd is not None:
-                os.close(dfd)
-        time.sleep(0.01 * (attempt + 1))
-    raise AssertionError("unreachable")  # pragma: no cover
+    return _retrying(path, lambda dfd: _read_pinned(path, dfd, config))
 
 
 def _replaced(path: Path, ident: os.stat_result | None) -> bool:

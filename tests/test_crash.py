@@ -96,3 +96,30 @@ def test_sigkill_never_leaves_a_wrong_bundle_and_the_build_resumes(setup):
     assert reused == chunks_before
     assert _answers(out, images) == reference
     assert not list(out.parent.glob(f".{out.name}.tmp-*")) and not list(out.parent.glob(f".{out.name}.old-*"))
+    assert not (out.parent / f".{out.name}.lock").exists()  # the lock of the killed builds did not outlive them
+
+
+def test_a_second_build_of_the_same_out_is_refused_naming_the_first(setup):
+    """Two real `geoloc build-index` to one --out: the second exits 5 at once naming the first's pid; the first
+    finishes with a bundle that answers like the reference."""
+    root, ds, images, reference = setup
+    out = root / "two" / "city"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(_cmd(ds, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    lock = out.parent / f".{out.name}.lock"
+    deadline = time.monotonic() + 300
+    while first.poll() is None and not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.poll() is None, "the first build ended before the second could start"
+    first.send_signal(signal.SIGSTOP)  # holds the lock for as long as the second needs to start
+    try:
+        second = subprocess.run(_cmd(ds, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 5, second.stderr
+    assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert _answers(out, images) == reference

@@ -32,7 +32,7 @@ from citydata import REPO, TINY_CONFIG, write_dataset
 from geoloc import bundle as bundle_mod
 from geoloc.build import build_index
 from geoloc.bundle import (BuildLockedError, OutputRefusedError, build_lock, check_output, lock_path, read_bundle,
-                           read_manifest, verify_files, write_bundle)
+                           read_manifest, read_verified_manifest, verify_files, write_bundle)
 from geoloc.config import load_config
 from geoloc.errors import BundleError, GeolocError
 from geoloc.fileio import (OutputError, atomic_write_bytes, open_regular, read_bounded, sha256_file, sha256_json,
@@ -285,6 +285,7 @@ def test_a_reader_during_rebuilds_sees_one_whole_bundle_never_a_false_alarm(pris
             v = b.manifest["stats"]["variant"]
             assert np.all(b.records.heading == v), "manifest of one bundle, records of another"
             seen.add(b.manifest["stats"]["i"])
+            assert read_verified_manifest(out)["format"] == "geoloc-bundle"  # what `geoloc info` reads
             loads += 1
     finally:
         so, se = writer.communicate(timeout=120)
