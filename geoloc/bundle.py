@@ -196,7 +196,7 @@ _HELD_GUARD = threading.Lock()
 
 def lock_path(out: Path) -> Path:
     """The lock file of a build of ``out``: ``.<name>.lock`` beside it."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     return out.parent / f".{out.name}.lock"
 
 
@@ -215,9 +215,9 @@ def build_lock(out: Path) -> Iterator[Path]:
     """
     import fcntl
 
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." and ".." have no name to put a lock file beside
     lp = lock_path(out)
-    key = (os.path.abspath(lp), threading.get_ident())
+    key = (str(lp), threading.get_ident())
     with _HELD_GUARD:
         held = _HELD.get(key)
         if held is not None:
@@ -309,7 +309,8 @@ def write_bundle(
         OutputRefusedError, BuildLockedError, OutputError: one line; nothing is left under ``out``
             but the previous bundle, if any.
     """
-    out = Path(out)
+    given = Path(out)
+    out = Path(os.path.abspath(given))
     check_output(out)
     with build_lock(out):
         check_output(out)
@@ -377,7 +378,7 @@ def write_bundle(
             if mapped is not None:
                 raise mapped from None
             raise
-    return out
+    return given
 
 
 def _sha256_path(path: Path) -> str:

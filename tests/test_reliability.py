@@ -608,3 +608,17 @@ def test_check_output_file_before_work(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="read-only") as err:
         check_output_file(tmp_path / "out.json")
     assert err.value.exit_code == 5
+
+
+def test_dot_as_out_is_a_folder_like_any_other(pristine, tmp_path, monkeypatch):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    with pytest.raises(OutputRefusedError, match="keep.txt|not a geoloc bundle"):
+        rewrite(read_bundle(pristine), Path("."))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"] and (work / "keep.txt").read_text() == "mine"
+    (work / "keep.txt").unlink()
+    assert rewrite(read_bundle(pristine), Path(".")) == Path(".")
+    assert read_bundle(work).index.ntotal == 80
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
