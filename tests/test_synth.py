@@ -284,3 +284,21 @@ def test_an_interrupted_generation_can_be_run_again(tmp_path, monkeypatch):
     monkeypatch.setattr(w, "_render_one", real)
     generate_city(out=tmp_path / "c", **TINY)
     assert tree_hash(tmp_path / "c") == PINNED_SHA256
+
+
+@pytest.mark.parametrize("code,word", [(28, "no space left on device while writing"), (30, "read-only")])
+def test_a_failing_write_is_one_line(tmp_path, monkeypatch, code, word):
+    import os
+
+    from geoloc.fileio import OutputError
+
+    def full(self, *_a, **_k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OutputError, match=word) as err:
+        generate_city(out=tmp_path / "c", **TINY)
+    assert "\n" not in str(err.value) and str(tmp_path / "c") in str(err.value) and err.value.exit_code == 5
+    monkeypatch.undo()
+    generate_city(out=tmp_path / "c", **TINY)  # the partial city (marker first) is regenerated over
+    assert tree_hash(tmp_path / "c") == PINNED_SHA256

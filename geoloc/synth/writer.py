@@ -33,7 +33,7 @@ import utm
 from PIL import Image
 
 from geoloc.errors import DatasetError, GeolocError
-from geoloc.fileio import atomic_write_json, one_line, read_bounded
+from geoloc.fileio import atomic_write_json, one_line, read_bounded, translate_write_errors
 from geoloc.geo import check_latlon, latlon_to_utm, utm_to_latlon
 from geoloc.synth.aerial import render_aerial_tile
 from geoloc.synth.city import GMAP_RES, G_CROSS, G_MARK, G_ROAD, SYNTH_VERSION, City, build_city, street_walk
@@ -260,11 +260,22 @@ def generate_city(*, out: Path, seed: int = 0, extent_m: float = 1000.0, spacing
     """Generate a synthetic city dataset into ``out`` (see the module docstring for the layout).
 
     Raises:
+        geoloc.fileio.OutputError: one line when the disk fills up, the file system is read-only or
+            permission is denied while writing.
         DatasetError: an invalid argument, or ``out`` is a non-empty folder that is not a city
             this generator wrote (recognised by its signed marker, :data:`MARKER`). In a city it
             wrote, only the files its marker lists are deleted or replaced; files added by
             someone else stay.
     """
+    with translate_write_errors(Path(out)):
+        return _generate(out=out, seed=seed, extent_m=extent_m, spacing_m=spacing_m, shift=shift,
+                         n_queries=n_queries, headings=headings, image_size=image_size, origin_latlon=origin_latlon,
+                         aerial=aerial, progress=progress, workers=workers)
+
+
+def _generate(*, out: Path, seed: int, extent_m: float, spacing_m: float, shift: str, n_queries: int, headings: int,
+              image_size: int, origin_latlon: tuple[float, float], aerial: bool, progress: bool,
+              workers: int) -> CityInfo:
     t_start = time.perf_counter()
     _check(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**63,
            f"seed must be a non-negative integer (got {seed!r})")
