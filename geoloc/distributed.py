@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -145,6 +146,9 @@ def ray_chunks(jobs: Sequence[tuple[int, str, Sequence[str]]], *, backbone: Back
     if not jobs:
         return
     cfg = config if config is not None else config_of(backbone)
+    settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    if settings["weights"] not in ("default", "random"):  # a local file: actors run in other folders
+        settings["weights"] = os.path.abspath(settings["weights"])
     gpu = backbone.device.startswith("cuda")
     tuned = None
     if backbone.weights_source.startswith("tuned:"):
@@ -158,7 +162,9 @@ def ray_chunks(jobs: Sequence[tuple[int, str, Sequence[str]]], *, backbone: Back
             raise GeolocError(f"{n} Ray workers asked for, but the Ray cluster has {have} {kind}s "
                               f"(one worker takes one {kind}): lower --workers or add nodes")
         n = min(n, len(jobs))
-        ctx = ray.data.DataContext.get_current()
+        with warnings.catch_warnings():  # Ray Data's own deprecated defaults warn on first use
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         if hasattr(ctx, "print_on_execution_start"):
             ctx.print_on_execution_start = False
@@ -168,7 +174,7 @@ def ray_chunks(jobs: Sequence[tuple[int, str, Sequence[str]]], *, backbone: Back
         ds = ds.map_batches(
             ChunkWorker,
             fn_constructor_kwargs={
-                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+                "config": settings,
                 "fingerprint": backbone.fingerprint,
                 "tuned": tuned,
                 "device": "cuda" if gpu else "cpu",
