@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ from geoloc.cli import app as cli_app  # noqa: E402
 from geoloc.config import load_config  # noqa: E402
 from geoloc.engine import Localizer  # noqa: E402
 from geoloc.errors import ConfigError  # noqa: E402
-from geoloc.serve import INFO_KEYS, ServeSettings, ServerThread, bind_socket, create_app, run_server  # noqa: E402
+from geoloc.serve import (INFO_KEYS, MicroBatcher, Overloaded, ServeSettings, ServerThread, bind_socket,  # noqa: E402
+                          create_app, run_server)
 
 LIMIT = 64 * 1024
 MODES = ("classify", "retrieve", "hybrid")
@@ -317,3 +319,39 @@ def test_run_server_refuses_a_missing_bundle_before_binding(tmp_path):
 
     with pytest.raises(BundleError, match="no such bundle folder"):
         run_server(index=tmp_path / "nope", port=0)
+
+
+def test_batcher_groups_by_options_and_waits_only_for_requests_on_their_way():
+    calls: list = []
+    gate = threading.Event()
+
+    def localize(paths, **kw):
+        gate.wait(10)
+        calls.append((list(paths), kw))
+        if kw.get("mode") == "boom":
+            raise RuntimeError("boom")
+        return [f"{p}:{kw.get('mode')}" for p in paths]
+
+    b = MicroBatcher(localize, max_batch=8, max_wait_ms=5000, max_queue=8)
+    b.start()
+    try:
+        gate.set()
+        t0 = time.monotonic()
+        assert b.submit(["lone"], {})[0].result(10) == "lone:None"
+        assert time.monotonic() - t0 < 2.5, "a lone request waited for max_wait_ms"
+        gate.clear()
+        hold = b.submit(["hold"], {"mode": "a"})  # the worker takes it and blocks on the gate
+        while b.depth():
+            time.sleep(0.001)
+        futs = b.submit(["x", "y"], {"mode": "a"}) + b.submit(["z"], {"mode": "b"}) + b.submit(["w"], {"mode": "boom"})
+        with pytest.raises(Overloaded, match="max_queue 8"):
+            b.submit([str(i) for i in range(5)], {})  # 4 queued + 5 > 8: all or nothing
+        assert b.depth() == 4
+        gate.set()
+        assert hold[0].result(10) == "hold:a" and [f.result(10) for f in futs[:3]] == ["x:a", "y:a", "z:b"]
+        with pytest.raises(RuntimeError, match="boom"):
+            futs[3].result(10)
+        assert sorted(len(p) for p, _ in calls[-3:]) == [1, 1, 2]  # one localize call per option set
+    finally:
+        gate.set()
+        b.stop()
