@@ -308,8 +308,9 @@ def extract_features(
         engine: ``"local"`` (this process and its DataLoader workers) or ``"ray"``: the chunks
             still to extract are embedded by Ray Data actors (:mod:`geoloc.distributed`), each
             with its own copy of the backbone; results are identical and share the cache.
-        ray_address: ``engine="ray"`` only: the cluster to join (``"auto"``, ``"HOST:PORT"``);
-            None joins the Ray session already running in this process, or starts a local one.
+        ray_address: ``engine="ray"`` only: the cluster to join (``"auto"``, ``"HOST:PORT"``), or
+            None to start a local one (shut down when done). A Ray session this process already
+            has is used as it is, whatever the address.
         workers: ``engine="ray"`` only: number of actors (default: one per CPU of the cluster,
             or one per GPU when ``backbone`` is on CUDA).
         threads_per_worker: ``engine="ray"`` only: torch threads in each actor (default: this
@@ -329,6 +330,10 @@ def extract_features(
                           f"(got {batch_size}, {chunk_size}, {num_workers})")
     if engine not in ENGINES:
         raise ConfigError(f"unknown extraction engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "ray":
+        from geoloc.distributed import import_ray
+
+        import_ray()  # a missing extra is reported at once, even when every chunk is cached
     t0 = time.perf_counter()
     spaths = [str(p) for p in paths]
     n, fdim = len(spaths), backbone.feature_dim
