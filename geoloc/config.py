@@ -222,8 +222,9 @@ class TrainConfig(_Section):
 
 @dataclass
 class IndexConfig(_Section):
-    """Cell scoring. Every key applies at load time too (the quantizer is rebuilt from the
-    stored prototypes when another kind is asked for), so all are ``runtime``."""
+    """Cell scoring and list storage. The scoring keys apply at load time too (the quantizer is
+    rebuilt from the stored prototypes when another kind is asked for), so they are ``runtime``;
+    the storage keys (codec, pq_m, refine) are fixed by the build."""
 
     _name = "index"
     quantizer: str = setting("auto", Choice(QUANTIZERS), runtime=True)
@@ -238,6 +239,19 @@ class IndexConfig(_Section):
     hnsw_ef_search: int = setting(128, Range(1, 100_000), runtime=True)
     use_gpu: bool = setting(True, runtime=True)
     """Use a FAISS GPU index when faiss has GPU support and a GPU is present."""
+    codec: str = setting("flat", Choice(("flat", "sq8", "pq")))
+    """Storage of the database vectors in the cell lists: 'flat' (float32, exact, 4 D bytes per vector),
+    'sq8' (8-bit scalar quantizer, D bytes), 'pq' (product quantizer, pq_m bytes). Build time only."""
+    pq_m: int = setting(0, Range(0, 4096))
+    """codec 'pq': bytes per vector (sub-quantizers, lowered to a divisor of D); 0 = D / 4."""
+    refine: str = setting("none", Choice(("none", "sq8", "flat")))
+    """Compressed codecs: re-rank the best refine_k_factor * k candidates against a second store of the
+    rows, 'flat' (float32: exact scores) or 'sq8'; 'none' keeps the codec's scores. Build time only."""
+    refine_k_factor: float = setting(4.0, Range(1, 1000), runtime=True)
+    """Candidates re-ranked per match wanted, with refine."""
+    retrieve_blas_min_batch: int = setting(16, Range(1, 1_000_000), runtime=True)
+    """Exact retrieve over flat lists: batches of at least this many queries score blocks of lists with BLAS;
+    smaller ones scan every list with the hybrid kernel."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["time_search", "recall_at", "peak_rss_bytes", "cpu_model", "measure_bandwidth"]
+__all__ = ["time_search", "recall_at", "peak_rss_bytes", "current_rss_bytes", "cpu_model", "measure_bandwidth"]
 
 
 def time_search(fn: Callable[[np.ndarray], object], xq: np.ndarray, batch: int, *, budget_s: float = 2.0,
@@ -50,6 +50,15 @@ def recall_at(ids: np.ndarray, gt1: np.ndarray) -> float:
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux ru_maxrss is KiB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (``/proc/self/statm``; 0 where it does not exist)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
 def cpu_model() -> str:

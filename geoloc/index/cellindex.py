@@ -1,4 +1,4 @@
-"""``CellIndex``: the lists, a cell scorer, the exact-retrieve view and the GPU mirror behind one API.
+"""``CellIndex``: the lists, a cell scorer, exact retrieve over the lists and the GPU mirror behind one API.
 
 The layout is explained in the package docstring (:mod:`geoloc.index`).
 """
@@ -27,7 +27,7 @@ from geoloc.index.checks import (
 from geoloc.index.gpu import GpuMirror, gpu_available
 from geoloc.index.io import load_index, save_index
 from geoloc.index.result import SearchResult, SearchTimes
-from geoloc.index.retrieve import FlatView
+from geoloc.index.retrieve import FlatView, ListScan, RefineStore
 from geoloc.index.scorers import (
     SCORERS,
     PrototypeCells,
@@ -45,9 +45,15 @@ class CellIndex:
     concurrent :meth:`search` calls (no index-wide state is written after construction).
     """
 
-    def __init__(self, ivf: faiss.IndexIVFFlat, *, neighbours: np.ndarray | None, config: IndexConfig,
-                 prototype_cells: np.ndarray | None = None) -> None:
-        self._ivf = ivf
+    REFINE_FILE = "refine.faiss"
+    """Re-ranking store of compressed lists (``index.refine``), written beside ``index.faiss``."""
+
+    def __init__(self, ivf: faiss.IndexIVF, *, neighbours: np.ndarray | None, config: IndexConfig,
+                 prototype_cells: np.ndarray | None = None, refine: RefineStore | None = None) -> None:
+        self._ivf_owner = ivf  # the proxy that owns the C++ index (a downcast proxy does not)
+        self._ivf = faiss.downcast_index(ivf)
+        self._codec = L.codec_of(self._ivf)
+        self._refine = refine if self._codec != "flat" else None
         self._config = config
         self._neighbours = neighbours
         scorer_cls = scorer_for_index(ivf.quantizer)
@@ -57,10 +63,11 @@ class CellIndex:
         self._cells = PrototypeCells(prototype_cells, int(ivf.quantizer.ntotal))
         self._sizes: np.ndarray | None = None  # [C + 1] list sizes (+ a 0 for list -1), made at the first hybrid
         self._gpu: GpuMirror | None = None
-        if gpu_available(config):  # pragma: no cover - needs a GPU
-            self._gpu = GpuMirror(ivf, self._scorer, self._scorer.prototypes()[self._cells.table[:, 0]])
-        make_flat = (lambda: self._gpu.flat_index(self.dim)) if self._gpu else (lambda: faiss.IndexFlatIP(self.dim))
-        self._flat = FlatView(lambda: self.vectors()[0], make_flat)
+        if self._codec == "flat" and gpu_available(config):  # pragma: no cover - needs a GPU
+            self._gpu = GpuMirror(self._ivf, self._scorer, self._scorer.prototypes()[self._cells.table[:, 0]])
+        self._scan = ListScan(self._ivf, int(config.retrieve_blas_min_batch))
+        # GPU only: an exact copy in GPU memory (host RAM keeps the lists once)
+        self._flat = FlatView(lambda: self.vectors()[0], self._gpu.flat_index_factory(self.dim)) if self._gpu else None
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -90,8 +97,12 @@ class CellIndex:
         cells = check_cells("cells", cells, descriptors.shape[0], c, "descriptor")
         neighbours = check_neighbours(neighbours, c)
         scorer_cls = SCORERS[resolve_scorer_name(config, c)]
-        ivf = L.make_ivf(scorer_cls.make(prototypes, config), descriptors, cells, c)
-        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells)
+        codec = str(config.codec)
+        ivf = L.make_ivf(scorer_cls.make(prototypes, config), descriptors, cells, c, codec=codec, pq_m=int(config.pq_m))
+        refine = None
+        if codec != "flat" and config.refine != "none":
+            refine = RefineStore.build(str(config.refine), descriptors)
+        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells, refine=refine)
 
     @classmethod
     def load(cls, folder: Path, *, config: IndexConfig) -> CellIndex:
@@ -112,7 +123,17 @@ class CellIndex:
         if wanted is not stored:
             # an empty new quantizer is trained and filled with the stored prototypes
             ivf_tools.replace_ivf_quantizer(ivf, wanted.empty(int(ivf.d), config))
-        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells)
+        refine = None
+        rpath = Path(folder) / cls.REFINE_FILE
+        if rpath.is_file():
+            try:
+                refine = RefineStore(faiss.read_index(str(rpath)))
+            except (RuntimeError, MemoryError):
+                raise BundleError(f"{rpath}: re-ranking store is truncated or corrupt; rebuild the bundle") from None
+            if refine.index.ntotal != ivf.ntotal or refine.index.d != ivf.d:
+                raise BundleError(f"{rpath}: holds {refine.index.ntotal} rows of {refine.index.d} dims but the lists hold "
+                                  f"{ivf.ntotal} of {ivf.d}; rebuild the bundle")
+        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells, refine=refine)
 
     def tuned(self, **search_params: float) -> CellIndex:
         """This index with other per-call search parameters of its cell scorer (e.g.
@@ -139,7 +160,14 @@ class CellIndex:
         Returns the paths written. No pickle: ``faiss.write_index`` and ``np.save(allow_pickle=False)``.
         """
         pc = None if self._cells.identity else self._cells.cells
-        return save_index(folder, self._ivf, neighbours=self._neighbours, prototype_cells=pc)
+        written = save_index(folder, self._ivf, neighbours=self._neighbours, prototype_cells=pc)
+        rpath = Path(folder) / self.REFINE_FILE
+        if self._refine is not None:
+            faiss.write_index(self._refine.index, str(rpath))
+            written.append(rpath)
+        elif rpath.exists():
+            rpath.unlink()
+        return written
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -178,15 +206,32 @@ class CellIndex:
         return self._cells.cells
 
     @property
-    def faiss_index(self) -> faiss.IndexIVFFlat:
+    def codec(self) -> str:
+        """Storage of the lists: 'flat', 'sq8' or 'pq' (``index.codec`` at build)."""
+        return self._codec
+
+    @property
+    def refine_kind(self) -> str:
+        """Re-ranking store of compressed lists: 'none', 'sq8' or 'flat'."""
+        return "none" if self._refine is None else self._refine.kind
+
+    @property
+    def faiss_index(self) -> faiss.IndexIVF:
         """The CPU ``IndexIVFFlat`` (read-only use: do not set ``nprobe``; its quantizer holds the
         P prototypes, so ``faiss_index.search`` is meaningless when P != C: use :meth:`search_lists`)."""
         return self._ivf
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: ``lists`` (vectors + ids), ``quantizer`` (the cell scorer), ``flat_view`` (0 unless built)."""
-        return {"lists": self.ntotal * (self.dim * 4 + 8), "quantizer": self._scorer.memory_bytes(),
-                "flat_view": self._flat.nbytes()}
+        """Bytes held in host RAM: ``lists`` (codes + 8-byte ids), ``quantizer`` (the cell scorer),
+        ``refine`` (re-ranking store, 0 without), ``flat_view`` (always 0: retrieve reads the lists;
+        the GPU path's exact copy lives in GPU memory)."""
+        return {"lists": self.ntotal * (int(self._ivf.code_size) + 8), "quantizer": self._scorer.memory_bytes(),
+                "refine": 0 if self._refine is None else self._refine.nbytes(), "flat_view": 0}
+
+    def bytes_per_vector(self) -> float:
+        """Host bytes per database vector: list codes + ids + re-ranking store (scorer excluded)."""
+        m = self.memory_bytes()
+        return (m["lists"] + m["refine"]) / max(1, self.ntotal)
 
     # -- contents -------------------------------------------------------------------------
     def cell_members(self, c: int) -> np.ndarray:
@@ -238,8 +283,9 @@ class CellIndex:
         return L.search_preassigned(self._gpu.ivf if self._gpu is not None else self._ivf, queries, lists, k)
 
     def drop_flat_view(self) -> None:
-        """Free the exact-retrieve view (it is rebuilt at the next retrieve)."""
-        self._flat.drop()
+        """Free the GPU exact-retrieve copy (rebuilt at the next retrieve); nothing to free on CPU."""
+        if self._flat is not None:  # pragma: no cover - needs a GPU
+            self._flat.drop()
 
     def search(self, queries: np.ndarray, *, mode: str, top_cells: int = 5, k: int = 10, neighbours: bool = False,
                fusion_weight: float = 0.0) -> SearchResult:
@@ -280,9 +326,16 @@ class CellIndex:
     def _retrieve(self, queries: np.ndarray, k: int) -> SearchResult:
         b = len(queries)
         t0 = time.perf_counter()
-        self._flat.get()
+        if self._flat is not None:  # pragma: no cover - needs a GPU
+            self._flat.get()
         t1 = time.perf_counter()
-        scores, ids = self._flat.search(queries, k)
+        if self._flat is not None:  # pragma: no cover - needs a GPU
+            scores, ids = self._flat.search(queries, k)
+        elif self._refine is not None:
+            _, cand = self._scan.search(queries, self._refine_width(k))
+            scores, ids = self._refine.rerank(queries, cand, k)
+        else:
+            scores, ids = self._scan.search(queries, k)
         t2 = time.perf_counter()
         empty_i, empty_f = np.empty((b, 0), np.int64), np.empty((b, 0), np.float32)
         return SearchResult(empty_i, empty_f, ids, scores, empty_i, np.full(b, self.ntotal, np.int64),
@@ -299,13 +352,46 @@ class CellIndex:
         bonus = weight * self._list_scores(queries, lists, cs, ci) if weight else None
         t1 = time.perf_counter()
         index = self._gpu.ivf if self._gpu is not None else self._ivf
+        kk = k if self._refine is None else self._refine_width(k)
         if bonus is None:
-            scores, ids = L.search_preassigned(index, queries, lists, k)
+            scores, ids = L.search_preassigned(index, queries, lists, kk)
         else:
-            scores, ids = L.search_fused(index, queries, lists, bonus, k)
+            scores, ids = L.search_fused(index, queries, lists, bonus, kk)
+        if self._refine is not None:
+            scores, ids = self._rerank_fused(queries, ids, k, lists, bonus)
         t2 = time.perf_counter()
         return SearchResult(ci, cs, ids, scores, lists, self._scanned(lists),
                             SearchTimes(cells_ms=(t1 - t0) * 1e3, search_ms=(t2 - t1) * 1e3))
+
+    def _refine_width(self, k: int) -> int:
+        return max(k, int(np.ceil(k * float(self._config.refine_k_factor))))
+
+    def _rerank_fused(self, queries: np.ndarray, cand: np.ndarray, k: int, lists: np.ndarray,
+                      bonus: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank codec candidates ``[B, M]`` with the refine store (+ their list's bonus when fused)."""
+        if bonus is None:
+            return self._refine.rerank(queries, cand, k)
+        b, m = cand.shape
+        ok = cand >= 0
+        cell = self._row_cells()[np.maximum(cand, 0)]
+        hit = (lists[:, None, :] == cell[:, :, None])  # [B, M, W]
+        add = np.take_along_axis(bonus, hit.argmax(axis=2), axis=1)
+        vec = self._refine.rows(np.maximum(cand, 0).reshape(-1)).reshape(b, m, -1)
+        s = (np.einsum("bmd,bd->bm", vec, queries) + add).astype(np.float32)
+        s[~ok] = -np.inf
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        out_s = np.take_along_axis(s, top, axis=1)
+        return out_s, np.where(np.isfinite(out_s), np.take_along_axis(cand, top, axis=1), -1)
+
+    def _row_cells(self) -> np.ndarray:
+        """``[N]`` int64 cell of each row (made once; compressed lists with fused re-ranking only)."""
+        rc = getattr(self, "_row_cell_table", None)
+        if rc is None:
+            rc = np.empty(self.ntotal, np.int64)
+            for c in range(self.nlist):
+                rc[L.list_view(self._ivf, c)[0]] = c
+            self._row_cell_table = rc
+        return rc
 
     def _list_scores(self, queries: np.ndarray, lists: np.ndarray, cs: np.ndarray, ci: np.ndarray) -> np.ndarray:
         """Cell score of every searched list ``[B, W]``: the scored top cells' own scores, exact

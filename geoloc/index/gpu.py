@@ -48,3 +48,7 @@ class GpuMirror:  # pragma: no cover - needs a CUDA build of faiss and a GPU
     def flat_index(self, dim: int) -> faiss.Index:
         """An empty exact inner-product index on the GPU (for the retrieve view)."""
         return faiss.GpuIndexFlatIP(self.resources, dim)
+
+    def flat_index_factory(self, dim: int):
+        """``flat_index`` bound to ``dim`` (a no-argument callable)."""
+        return lambda: self.flat_index(dim)

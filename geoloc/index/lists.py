@@ -1,8 +1,15 @@
-"""The inverted lists: one ``IndexIVFFlat`` list per cell, searched only where it is told.
+"""The inverted lists: one IVF list per cell, searched only where it is told.
 
-Free functions over a FAISS ``IndexIVFFlat`` ``ivf`` whose list ``c`` holds the database rows
-filed under cell ``c`` (stored id = database row id). Nothing here asks the IVF's quantizer to
-assign anything: the lists to scan always come from the caller (``search_preassigned``).
+Free functions over a FAISS IVF ``ivf`` whose list ``c`` holds the database rows filed under
+cell ``c`` (stored id = database row id). Nothing here asks the IVF's quantizer to assign
+anything: the lists to scan always come from the caller (``search_preassigned``).
+
+Storage codecs (``index.codec``; :func:`make_ivf`): ``flat`` (``IndexIVFFlat``, float32, exact),
+``sq8`` (``IndexIVFScalarQuantizer`` 8-bit, 1 byte per dimension) and ``pq``
+(``IndexIVFPQ``, ``pq_m`` bytes per vector). Codes are never residuals (``by_residual`` off): a
+cell with several prototypes has no single centroid, and the codes stay independent of the scorer.
+Exact retrieve over flat lists (:func:`scan_all_blas`) reads the lists in place, block by
+block, so the database is held once.
 
 FAISS traps kept in mind here:
 
@@ -21,7 +28,11 @@ import numpy as np
 from faiss.contrib import inspect_tools, ivf_tools
 
 __all__ = [
+    "CODECS",
     "all_vectors",
+    "codec_of",
+    "list_view",
+    "scan_all_blas",
     "cell_members",
     "dedup_rows",
     "distinct_positions",
@@ -33,24 +44,150 @@ __all__ = [
 ]
 
 
-def make_ivf(quantizer: faiss.Index, descriptors: np.ndarray, cells: np.ndarray, n_cells: int) -> faiss.IndexIVFFlat:
-    """An inner-product ``IndexIVFFlat`` with ``n_cells`` lists; row ``i`` filed in list ``cells[i]``.
+CODECS: tuple[str, ...] = ("flat", "sq8", "pq")
+"""``index.codec`` values: how the lists store the database vectors."""
+
+
+def pq_subquantizers(d: int, m: int) -> int:
+    """PQ sub-quantizers for ``d`` dims: ``m`` when given (0 = ``d / 4``), lowered to a divisor of ``d``."""
+    m = int(m) or max(1, d // 4)
+    m = min(m, d)
+    while d % m:
+        m -= 1
+    return m
+
+
+def make_ivf(quantizer: faiss.Index, descriptors: np.ndarray, cells: np.ndarray, n_cells: int, *,
+             codec: str = "flat", pq_m: int = 0, train_size: int = 65536) -> faiss.IndexIVF:
+    """An inner-product IVF with ``n_cells`` lists; row ``i`` filed in list ``cells[i]``.
 
     Args:
         quantizer: the cell scorer's FAISS index; the IVF owns (and frees) it from now on.
         descriptors: ``[N, D]`` float32. cells: ``[N]`` int64 in ``0..n_cells-1``.
+        codec: ``flat`` | ``sq8`` | ``pq`` (:data:`CODECS`). pq_m: PQ bytes per vector (0 = D/4).
+        train_size: rows (a fixed-seed sample) the sq8/pq encoders are trained on.
     """
     d = descriptors.shape[1]
-    ivf = faiss.IndexIVFFlat(quantizer, d, n_cells, faiss.METRIC_INNER_PRODUCT)
+    if codec == "flat":
+        ivf = faiss.IndexIVFFlat(quantizer, d, n_cells, faiss.METRIC_INNER_PRODUCT)
+    elif codec == "sq8":
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, d, n_cells, faiss.ScalarQuantizer.QT_8bit,
+                                            faiss.METRIC_INNER_PRODUCT, False)
+    elif codec == "pq":
+        ivf = faiss.IndexIVFPQ(quantizer, d, n_cells, pq_subquantizers(d, pq_m), 8, faiss.METRIC_INNER_PRODUCT)
+        ivf.by_residual = False
+        ivf.pq.cp.min_points_per_centroid = 1  # small databases: no warning per sub-quantizer
+    else:
+        raise ValueError(f"index.codec must be one of {', '.join(CODECS)}; got {codec!r}")
     ivf.own_fields = True
     quantizer.this.disown()
+    if codec != "flat":
+        if not len(descriptors):
+            raise ValueError(f"index.codec={codec} needs database descriptors to train its encoder; got none")
+        rng = np.random.default_rng(0)
+        sample = descriptors if len(descriptors) <= train_size else descriptors[np.sort(rng.choice(len(descriptors), train_size, replace=False))]
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        ivf.train_encoder(len(sample), faiss.swig_ptr(sample), None)
     ivf.is_trained = True
     # Keep ids in a named variable: add_preassigned passes a raw pointer, and a temporary
     # would be freed before FAISS copies it (the stored ids would be garbage).
-    row_ids = np.arange(len(descriptors), dtype=np.int64)
-    if len(descriptors):
-        ivf_tools.add_preassigned(ivf, descriptors, cells, row_ids)
+    step = 1 << 18  # chunks: the encoders' temporaries stay small
+    for i in range(0, len(descriptors), step):
+        row_ids = np.arange(i, min(i + step, len(descriptors)), dtype=np.int64)
+        ivf_tools.add_preassigned(ivf, np.ascontiguousarray(descriptors[i:i + step]), cells[i:i + step], row_ids)
     return ivf
+
+
+def codec_of(ivf: faiss.Index) -> str:
+    """The :data:`CODECS` name of a (downcast) IVF's storage."""
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, faiss.IndexIVFFlat):
+        return "flat"
+    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+        return "sq8"
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        return "pq"
+    raise ValueError(f"unsupported inverted-list storage {type(ivf).__name__}")
+
+
+def decode(ivf: faiss.Index, codes: np.ndarray) -> np.ndarray:
+    """Codes of one list ``[n, code_size]`` uint8 -> ``[n, D]`` float32 (exact for flat)."""
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, faiss.IndexIVFFlat):
+        return codes.view(np.float32).reshape(-1, ivf.d)
+    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+        return ivf.sq.decode(np.ascontiguousarray(codes.reshape(-1, ivf.code_size)))
+    return ivf.pq.decode(np.ascontiguousarray(codes.reshape(-1, ivf.code_size)))
+
+
+def list_view(ivf: faiss.IndexIVF, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """List ``c`` in place (no copy): ids ``[n_c]`` int64 and codes ``[n_c, code_size]`` uint8.
+
+    The arrays alias FAISS's own storage: read-only use, valid while the IVF lives and is not
+    changed (``ArrayInvertedLists`` returns its buffers; nothing to release).
+    """
+    inv = ivf.invlists
+    n = inv.list_size(c)
+    if n == 0:
+        return np.empty(0, np.int64), np.empty((0, ivf.code_size), np.uint8)
+    ids = faiss.rev_swig_ptr(inv.get_ids(c), n)
+    codes = faiss.rev_swig_ptr(inv.get_codes(c), n * ivf.code_size).reshape(n, ivf.code_size)
+    return ids, codes
+
+
+def scan_all_blas(ivf: faiss.IndexIVFFlat, queries: np.ndarray, k: int, *,
+                  block_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over every vector of a flat IVF, BLAS over blocks of whole lists.
+
+    Lists are read in place and gathered into one ``[block_rows, D]`` buffer at a time (the only
+    extra memory: ``block_rows * D * 4`` bytes), scored with ``faiss.knn`` (sgemm) and merged
+    in a ``faiss.ResultHeap``. Same answers as :func:`search_preassigned` over all lists, up to
+    float rounding of the inner products (sgemm sums in another order).
+
+    Args:
+        queries: ``[B, D]`` float32. k: matches per query.
+    Returns:
+        scores: ``[B, k]`` float32 descending (-inf on padding); ids: ``[B, k]`` int64 (-1 padding).
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    d = int(ivf.d)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    buf = np.empty((block_rows, d), dtype=np.float32)
+    idbuf = np.empty(block_rows, dtype=np.int64)
+
+    def flush(n: int) -> None:
+        kk = min(k, n)
+        s, i = faiss.knn(queries, buf[:n], kk, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(s, np.where(i >= 0, idbuf[np.maximum(i, 0)], -1))
+
+    fill = 0
+    for c in range(ivf.nlist):
+        ids, codes = list_view(ivf, c)
+        n = len(ids)
+        if n == 0:
+            continue
+        vecs = codes.view(np.float32).reshape(n, d)
+        if n >= block_rows:  # a huge list: score it in place
+            if fill:
+                flush(fill)
+                fill = 0
+            for j in range(0, n, block_rows):
+                kk = min(k, len(vecs[j:j + block_rows]))
+                s, i = faiss.knn(queries, vecs[j:j + block_rows], kk, metric=faiss.METRIC_INNER_PRODUCT)
+                heap.add_result(s, np.where(i >= 0, ids[j:j + block_rows][np.maximum(i, 0)], -1))
+            continue
+        if fill + n > block_rows:
+            flush(fill)
+            fill = 0
+        buf[fill:fill + n] = vecs
+        idbuf[fill:fill + n] = ids
+        fill += n
+    if fill:
+        flush(fill)
+    heap.finalize()
+    scores, out = heap.D, heap.I
+    scores[out < 0] = -np.inf
+    return scores, out
 
 
 def list_sizes(ivf: faiss.IndexIVF) -> np.ndarray:
@@ -67,17 +204,18 @@ def cell_members(ivf: faiss.IndexIVF, c: int) -> np.ndarray:
     return ids
 
 
-def all_vectors(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray]:
-    """All stored vectors in row-id order: ``[N, D]`` float32 and ``[N]`` int64 cell of each row."""
+def all_vectors(ivf: faiss.IndexIVF) -> tuple[np.ndarray, np.ndarray]:
+    """All stored vectors in row-id order: ``[N, D]`` float32 (decoded: approximate for sq8/pq)
+    and ``[N]`` int64 cell of each row. A new ``N * D * 4``-byte array: for export and checks,
+    never held by the index."""
     n, d = int(ivf.ntotal), int(ivf.d)
     out = np.empty((n, d), dtype=np.float32)
     cell = np.full(n, -1, dtype=np.int64)
-    inv = ivf.invlists
     for c in range(ivf.nlist):
-        if inv.list_size(c) == 0:
+        ids, codes = list_view(ivf, c)
+        if not len(ids):
             continue
-        ids, codes = inspect_tools.get_invlist(inv, c)
-        out[ids] = codes.view(np.float32).reshape(-1, d)
+        out[ids] = decode(ivf, codes)
         cell[ids] = c
     return out, cell
 
@@ -128,7 +266,8 @@ _IVF_PARAMS: dict[int, faiss.SearchParametersIVF] = {}
 
 
 def search_preassigned(index: faiss.Index, queries: np.ndarray, lists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search of each query over its own lists (CPU ``IndexIVFFlat`` or its GPU copy).
+    """Search of each query over its own lists (CPU IVF or its GPU copy); exact for the flat codec,
+    the codec's approximate inner products otherwise.
 
     Args:
         queries: ``[B, D]`` float32. lists: ``[B, W]`` int64, -1 = skip; no repeats in a row.
