@@ -15,6 +15,9 @@ the previous one is answered; bounded by ``--requests`` per level and ``--second
   threads at a time (the Localizer is thread-safe): the cost of the engine without HTTP and
   without micro-batching.
 
+Both sides run the backbone on ``--threads`` torch threads (default: cores - 1, what
+``run_server`` picks so that the event loop keeps a core).
+
 Warm-up requests first (not timed). Reported: requests/s, p50 and p99 latency in ms, and, for
 the server, the mean micro-batch size from its ``/metrics``. A table on stdout and JSON at
 ``--out``. Stops by itself; the server subprocess is terminated at the end.
@@ -78,7 +81,7 @@ def require_loopback(url: str) -> None:
 def start_server(args, port: int, logfile) -> subprocess.Popen:
     code = ("import sys; from pathlib import Path; from geoloc.serve import run_server; "
             f"run_server(index=Path({str(args.index)!r}), host='127.0.0.1', port={port}, max_batch={args.max_batch}, "
-            f"max_wait_ms={args.max_wait_ms}, max_queue={args.max_queue}, log_level='warning')")
+            f"max_wait_ms={args.max_wait_ms}, max_queue={args.max_queue}, threads={args.threads}, log_level='warning')")
     return subprocess.Popen([sys.executable, "-c", code], stdout=logfile, stderr=subprocess.STDOUT)
 
 
@@ -133,7 +136,11 @@ async def http_level(url: str, blobs: list[tuple[str, bytes]], *, conc: int, n: 
                 return
             name, data = blobs[i % len(blobs)]
             t0 = time.perf_counter()
-            r = await client.post("/v1/localize", params={"mode": mode}, files={"image": (name, data, "image/jpeg")})
+            try:
+                r = await client.post("/v1/localize", params={"mode": mode}, files={"image": (name, data, "image/jpeg")})
+            except httpx.TransportError:
+                errors += 1
+                continue
             dt = time.perf_counter() - t0
             if r.status_code == 200:
                 lat.append(dt)
@@ -195,6 +202,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--max-queue", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="torch threads, server and in-process alike (default: cores - 1, run_server's default)")
     ap.add_argument("--url", default=None, help="a running server on loopback (default: start one here)")
     ap.add_argument("--no-inprocess", action="store_true", help="skip the in-process rows")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serve.json"))
@@ -244,6 +253,7 @@ def main() -> None:
     if not args.no_inprocess:
         from geoloc.engine import Localizer
 
+        torch.set_num_threads(args.threads)
         loc = Localizer.load(args.index)
         inproc_level(loc, paths, conc=1, n=args.warmup, seconds=60, mode=args.mode)
         for c in args.concurrency:
@@ -255,9 +265,9 @@ def main() -> None:
         "benchmark": "serve",
         "index": str(args.index), "backbone": manifest.get("backbone"), "images": len(paths), "mode": args.mode,
         "server": {"url": url, "started_here": proc is not None, "max_batch": args.max_batch,
-                   "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue},
+                   "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue, "threads": args.threads},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+                    "torch_threads": args.threads, "torch": torch.__version__, "load_average": os.getloadavg()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "rows": rows,
     }
