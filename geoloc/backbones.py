@@ -54,6 +54,7 @@ features made one way are never reused the other way.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 import socket
@@ -65,8 +66,8 @@ from urllib.parse import urlparse
 
 import timm
 import torch
-from PIL import Image
 import torchvision.transforms.functional as TF
+from PIL import Image
 from timm.data import create_transform, resolve_data_config, resolve_model_data_config
 
 from geoloc.config import BackboneConfig
@@ -238,7 +239,7 @@ def create_backbone(cfg: BackboneConfig, *, device: str | None = None) -> Backbo
     """
     name = str(cfg.name).strip()
     if name.startswith(TIMM_PREFIX):
-        builder: Builder = lambda **kw: _timm_model(name, name[len(TIMM_PREFIX):].strip(), **kw)  # noqa: E731
+        builder: Builder = functools.partial(_timm_model, name, name[len(TIMM_PREFIX):].strip())
     elif name in _REGISTRY:
         builder = _REGISTRY[name]
     else:
@@ -583,7 +584,7 @@ def _create_timm(name: str, timm_name: str, *, weights: str, kwargs: dict[str, A
     state = {k: v for k, v in state.items() if k not in drop}
     try:
         model = _create(timm_name, pretrained=True, kwargs=kwargs, pretrained_strict=True,
-                        pretrained_cfg_overlay=dict(state_dict=state, source="", file=None, classifier=None))
+                        pretrained_cfg_overlay={"state_dict": state, "source": "", "file": None, "classifier": None})
     except Exception as err:  # noqa: BLE001 - shapes, names: the file is for another model
         raise BackboneError(f"{path}: cannot load these weights into {name} ({_first_line(err)}); "
                             f"the file must hold a {timm_name} state dict") from None
@@ -628,7 +629,7 @@ def _timm_model(name: str, timm_name: str, *, weights: str, image_size: int) -> 
         raise BackboneError(f"unknown timm model {timm_name!r} in backbone.name {name!r}; {hint}"
                             f"see timm.list_models() for the names timm {timm.__version__} knows")
     _pretrained_cfg(name, timm_name)  # an unknown pretrained tag is one line, before any work
-    kwargs: dict[str, Any] = dict(num_classes=0)
+    kwargs: dict[str, Any] = {"num_classes": 0}
     if image_size:
         kwargs["img_size"] = image_size
     try:
@@ -638,7 +639,7 @@ def _timm_model(name: str, timm_name: str, *, weights: str, image_size: int) -> 
         if "img_size" not in str(err):
             raise BackboneError(f"{name}: timm cannot build {timm_name} ({_first_line(err)})") from None
         kwargs.pop("img_size")
-    except Exception:  # noqa: BLE001 - some models cannot be built on the meta device: try for real
+    except Exception:  # noqa: BLE001, S110 - some models cannot be built on the meta device: the real build decides
         pass
     model, source = _create_timm(name, timm_name, weights=weights, kwargs=kwargs)
     default = resolve_model_data_config(model)["input_size"]

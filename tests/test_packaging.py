@@ -63,7 +63,7 @@ def dists(tmp_path_factory) -> dict[str, Path]:
     built = {}
     for kind in ("sdist", "wheel"):  # one process each: setuptools keeps state between hooks
         code = f"import sys; from setuptools import build_meta as b; print('BUILT', b.build_{kind}(sys.argv[1]))"
-        run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True, timeout=600)
+        run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True, check=False, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         built[kind] = out / next(line for line in run.stdout.splitlines() if line.startswith("BUILT ")).split()[1]
         assert built[kind].is_file()
@@ -150,11 +150,11 @@ def test_unpacked_sdist_runs_its_tests(dists, tmp_path):
         tf.extractall(tmp_path, filter="data")
     root = tmp_path / dists["sdist"].name[: -len(".tar.gz")]
     where = subprocess.run([sys.executable, "-c", "import geoloc; print(geoloc.__file__)"], cwd=root, env=_env(),
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, check=False, timeout=120)
     assert Path(where.stdout.strip()).resolve().is_relative_to(root.resolve()), where  # the sdist's own code
     # tests that use the shared helpers (conftest.py); the whole suite takes too long for one test
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layouts.py",
-                          "tests/test_geo.py"], cwd=root, env=_env(), capture_output=True, text=True, timeout=900)
+                          "tests/test_geo.py"], cwd=root, env=_env(), capture_output=True, text=True, check=False, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1] and "error" not in run.stdout.splitlines()[-1]
 
@@ -172,14 +172,14 @@ def test_wheel_in_a_fresh_venv_from_another_directory(dists, tmp_path):
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "zz_borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     inst = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(dists["wheel"])],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, check=False, timeout=300)
     assert inst.returncode == 0, inst.stderr[-2000:]
     work = tmp_path / "elsewhere"
     work.mkdir()
     geoloc = str(venv / "bin" / "geoloc")
 
     def run(*cmd: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), cwd=work, env=_env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(list(cmd), cwd=work, env=_env(), capture_output=True, text=True, check=False, timeout=timeout)
 
     where = run(str(py), "-c", "import geoloc; print(geoloc.__file__)")
     assert Path(where.stdout.strip()).is_relative_to(site), where
