@@ -106,7 +106,7 @@ def batch_stats(url: str) -> tuple[float, float]:
 
     vals = {}
     for ln in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if ln.startswith("geoloc_batch_size_sum") or ln.startswith("geoloc_batch_size_count"):
+        if ln.startswith(("geoloc_batch_size_sum", "geoloc_batch_size_count")):
             k, v = ln.split()
             vals[k] = float(v)
     return vals.get("geoloc_batch_size_count", 0.0), vals.get("geoloc_batch_size_sum", 0.0)

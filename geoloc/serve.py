@@ -47,10 +47,11 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from geoloc.errors import ConfigError, GeolocError, ImageError
 
@@ -58,7 +59,7 @@ if TYPE_CHECKING:  # the serve extra is optional: import fastapi only where it i
     from fastapi import FastAPI
 
     from geoloc.config import Config
-    from geoloc.engine import Localizer, Prediction
+    from geoloc.engine import Localizer
 
 log = logging.getLogger("geoloc.serve")
 
@@ -476,7 +477,7 @@ class _Service:
         s = self.settings
         ctype = request.headers.get("content-type", "")
         multipart = ctype.split(";", 1)[0].strip().lower() == "multipart/form-data"
-        files = s.max_batch_files if batch else 1
+        files = min(s.max_batch_files, s.max_queue) if batch else 1  # a bigger batch could never be queued
         body_limit = s.max_upload_bytes if not multipart else files * (s.max_upload_bytes + _FORM_FIELDS_MAX)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > body_limit:
@@ -584,10 +585,10 @@ def create_app(localizer: LocalizerSource, *, settings: ServeSettings | None = N
 
     @app.post("/v1/localize")
     async def localize(request: Request,
-                       mode: Optional[str] = Query(None, description="classify | retrieve | hybrid"),
-                       top_cells: Optional[int] = Query(None, description="Hybrid: cells to search."),
-                       neighbours: Optional[bool] = Query(None, description="Hybrid: also search neighbour cells."),
-                       name: Optional[str] = Query(None, description="Name echoed as `image` for raw uploads.")):
+                       mode: str | None = Query(None, description="classify | retrieve | hybrid"),
+                       top_cells: int | None = Query(None, description="Hybrid: cells to search."),
+                       neighbours: bool | None = Query(None, description="Hybrid: also search neighbour cells."),
+                       name: str | None = Query(None, description="Name echoed as `image` for raw uploads.")):
         """One image -> the prediction object of ``geoloc query --json``."""
         try:
             svc.require_ready()
@@ -601,9 +602,9 @@ def create_app(localizer: LocalizerSource, *, settings: ServeSettings | None = N
 
     @app.post("/v1/localize/batch")
     async def localize_batch(request: Request,
-                             mode: Optional[str] = Query(None, description="classify | retrieve | hybrid"),
-                             top_cells: Optional[int] = Query(None, description="Hybrid: cells to search."),
-                             neighbours: Optional[bool] = Query(None, description="Hybrid: also search neighbours.")):
+                             mode: str | None = Query(None, description="classify | retrieve | hybrid"),
+                             top_cells: int | None = Query(None, description="Hybrid: cells to search."),
+                             neighbours: bool | None = Query(None, description="Hybrid: also search neighbours.")):
         """Several images (multipart field ``images``) -> one answer per file, in order."""
         try:
             svc.require_ready()

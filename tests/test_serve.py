@@ -27,8 +27,16 @@ from geoloc.cli import app as cli_app  # noqa: E402
 from geoloc.config import load_config  # noqa: E402
 from geoloc.engine import Localizer  # noqa: E402
 from geoloc.errors import ConfigError  # noqa: E402
-from geoloc.serve import (INFO_KEYS, MicroBatcher, Overloaded, ServeSettings, ServerThread, bind_socket,  # noqa: E402
-                          create_app, run_server)
+from geoloc.serve import (  # noqa: E402
+    INFO_KEYS,
+    MicroBatcher,
+    Overloaded,
+    ServerThread,
+    ServeSettings,
+    bind_socket,
+    create_app,
+    run_server,
+)
 
 LIMIT = 64 * 1024
 MODES = ("classify", "retrieve", "hybrid")
