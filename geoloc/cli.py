@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover - older typer on the real click
 from geoloc import __version__
 from geoloc.config import MODES, Config, Override, build_time_keys, collect_overrides, list_presets
 from geoloc.errors import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_PARTIAL, EXIT_USAGE, BundleError,
-                           ConfigError, DatasetError, DependencyError, GeolocError, ImageError, OutputError, one_line)
+                           ConfigError, DatasetError, GeolocError, ImageError, OutputError, one_line,
+                           require_faiss)
 
 out = Console()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -161,17 +162,6 @@ def _build_config(config: Optional[str], sets: Optional[List[str]], flags: dict[
     return Config().apply_overrides(collect_overrides(config, flags=flags, sets=sets or ()))
 
 
-def _require_faiss() -> None:
-    """One line saying what to install when faiss is missing or broken."""
-    try:
-        import faiss  # noqa: F401
-    except ImportError as e:
-        missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "faiss"
-        what = "is not installed" if missing else f"cannot be imported ({one_line(str(e))[:160]})"
-        raise DependencyError(f"the faiss module {what}; install it with pip install -e \".[cpu]\" "
-                              "(or \".[gpu]\" with CUDA) in the checkout, or pip install \"geoloc[cpu]\"") from None
-
-
 def _check_input(source: str, flag: str) -> None:
     """A dataset folder or CSV that does not exist is refused before anything loads."""
     if not os.path.exists(source):
@@ -248,7 +238,7 @@ def build_index_cmd(
     _check_out_dir(out_dir, "--out")
     if descriptors is not None:
         _check_input(str(descriptors), "--descriptors")
-    _require_faiss()
+    require_faiss()
     from geoloc.bundle import check_output
 
     check_output(out_dir)  # refuses a folder that is not a bundle, before any work
@@ -316,7 +306,7 @@ def _query_config(index: Path, config: Optional[str], sets: Optional[List[str]],
     overrides = collect_overrides(config, flags=flags, sets=sets or ())
     Config().apply_overrides(overrides)  # every value checked, whatever the bundle holds
     _refuse_build_keys(overrides)
-    _require_faiss()
+    require_faiss()
     return _bundle_config(index, overrides)
 
 
@@ -568,7 +558,7 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print only the manifest summary as JSON."),
 ) -> None:
     """Verify a bundle's checksums and print its manifest summary."""
-    _require_faiss()
+    require_faiss()
     from geoloc.bundle import read_manifest, verify_files
 
     m = read_manifest(index)

@@ -38,7 +38,7 @@ from geoloc.errors import ConfigError, GeolocError, one_line
 MODES: tuple[str, ...] = ("classify", "retrieve", "hybrid")
 """The query modes, in this order everywhere (the one definition; others import it from here)."""
 
-QUANTIZERS: tuple[str, ...] = ("flat", "lsh", "hnsw", "auto")
+QUANTIZERS: tuple[str, ...] = ("flat", "lsh", "hnsw", "sq8", "pqfs", "twolevel", "auto")
 """``index.quantizer``: how cells are scored at query time."""
 
 GROUP_SCHEDULES: tuple[str, ...] = ("step", "epoch")
@@ -168,11 +168,13 @@ class _Section:
 class BackboneConfig(_Section):
     _name = "backbone"
     name: str = setting("efficientnet_lite0", Text())
-    """Registry name: efficientnet_lite0, dinov2_vits14, dinov2_vitb14 (see geoloc.backbones)."""
+    """Registry name (efficientnet_lite0, dinov2_vits14, dinov2_vitb14) or timm:<model_name>."""
     weights: str = setting("default", Text())
     """'default' (the backbone's own source: hub or packaged file), 'random', or a local file path."""
     image_size: int = setting(0, Range(0, 4096))
     """Square input side in pixels; 0 = the backbone's own default. ViT sides must be multiples of 14."""
+    resize: str = setting("crop", Choice(("crop", "keep_aspect")))
+    """'crop' (timm's centre crop) or 'keep_aspect' (letterbox: long side to image_size, padded with the mean)."""
     batch_size: int = setting(32, Range(1, 4096), runtime=True)
     num_workers: int = setting(2, Range(0, 256), runtime=True)
     cache_chunk: int = setting(1024, Range(1, 1_000_000))
@@ -229,7 +231,9 @@ class IndexConfig(_Section):
     _name = "index"
     quantizer: str = setting("auto", Choice(QUANTIZERS), runtime=True)
     """How cells are scored at query time: 'flat' (exact scan), 'lsh' (binary-code shortlist re-ranked
-    exactly), 'hnsw' (graph), 'auto' (lsh from approx_min_cells cells on, flat below)."""
+    exactly), 'hnsw' (graph), 'sq8' / 'pqfs' (8-bit / 4-bit fast-scan codes shortlist re-ranked exactly),
+    'twolevel' (coarse regions, then the prototypes of the best ones), 'auto' (the rule in
+    geoloc.index.scorers.resolve_scorer_name)."""
     approx_min_cells: int = setting(10_000, Range(0, 1_000_000_000), runtime=True)
     lsh_bits: int = setting(0, Range(0, 65_536), runtime=True)
     """Bits per prototype code; 0 = max(256, descriptor dimension)."""
@@ -239,6 +243,14 @@ class IndexConfig(_Section):
     hnsw_ef_search: int = setting(128, Range(1, 100_000), runtime=True)
     use_gpu: bool = setting(True, runtime=True)
     """Use a FAISS GPU index when faiss has GPU support and a GPU is present."""
+    scorer_k_factor: float = setting(8.0, Range(1, 1000), runtime=True)
+    """Scorers 'sq8' and 'pqfs': the codes shortlist scorer_k_factor * k prototypes, re-ranked by exact cosine."""
+    pqfs_m: int = setting(0, Range(0, 4096), runtime=True)
+    """Scorer 'pqfs': 4-bit sub-quantizers per prototype (lowered to a divisor of D); 0 = D / 2."""
+    twolevel_regions: int = setting(0, Range(0, 1_000_000_000), runtime=True)
+    """Scorer 'twolevel': coarse regions (k-means over the prototypes); 0 = 2 sqrt(P)."""
+    twolevel_probe: int = setting(16, Range(1, 1_000_000), runtime=True)
+    """Scorer 'twolevel': regions whose prototypes are scored exactly, per query."""
     codec: str = setting("flat", Choice(("flat", "sq8", "pq")))
     """Storage of the database vectors in the cell lists: 'flat' (float32, exact, 4 D bytes per vector),
     'sq8' (8-bit scalar quantizer, D bytes), 'pq' (product quantizer, pq_m bytes). Build time only."""

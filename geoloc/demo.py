@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from geoloc.bundle import read_manifest
 from geoloc.config import load_config
-from geoloc.errors import GeolocError
+from geoloc.errors import GeolocError, require_faiss
 
 
 def _city(out: Path, params: dict, log) -> Path:
@@ -43,6 +42,7 @@ def _city(out: Path, params: dict, log) -> Path:
 
 def _bundle(city: Path, out: Path, config_path: Path, log) -> Path:
     from geoloc.build import build_index
+    from geoloc.bundle import read_manifest
 
     cfg = load_config(config_path)
     try:
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {"seed": args.seed, "extent_m": args.extent_m, "spacing_m": args.spacing_m, "headings": args.headings,
               "n_queries": args.queries, "shift": args.shift, "workers": 2}
     try:
+        require_faiss()
         run(workdir=args.workdir, index=args.index, config=args.config, city_params=params)
     except GeolocError as e:
         print(f"error: {e}", file=sys.stderr)

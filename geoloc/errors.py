@@ -50,10 +50,23 @@ class ConfigError(GeolocError):
     exit_code = EXIT_USAGE
 
 
-class DependencyError(GeolocError):
+class DependencyError(GeolocError, ImportError):
     """A required package (faiss) is missing or broken; the message says what to install."""
 
     exit_code = EXIT_USAGE
+
+
+def require_faiss() -> None:
+    """Raise :class:`DependencyError` (one line naming the extra to install) when faiss is missing or broken."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError as e:
+        if isinstance(e, DependencyError):
+            raise
+        missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "faiss"
+        what = "is not installed" if missing else f"cannot be imported ({one_line(str(e))[:160]})"
+        raise DependencyError(f"the faiss module {what}; install it with pip install -e \".[cpu]\" "
+                              "(or \".[gpu]\" with CUDA) in the checkout, or pip install \"geoloc[cpu]\"") from None
 
 
 class DatasetError(GeolocError):

@@ -32,7 +32,11 @@ Layout (shapes: ``N`` database vectors, ``D`` dims, ``C`` cells, ``P >= C`` prot
 Where this sits in the engine: ``docs/architecture.md``.
 """
 
-from geoloc.index.cellindex import MODES, CellIndex
+from geoloc.errors import require_faiss
+
+require_faiss()  # one line naming the extra to install, not a traceback from deep inside
+
+from geoloc.index.cellindex import MODES, CellIndex  # noqa: E402
 from geoloc.index.io import INDEX_FILE, NEIGHBOURS_FILE, PROTOTYPE_CELLS_FILE
 from geoloc.index.result import SearchResult, SearchTimes
 from geoloc.index.scorers import (
