@@ -1,14 +1,16 @@
-"""What each way of scoring the cells costs, at one database size.
+"""What each cell scorer costs and how often it keeps the right cell, at 10^4..10^6 cells.
 
-    python benchmarks/cell_scoring.py [--size 1000000] [--dim 384] [--bundle indexes/demo] [--k 5]
-        [--out runs/bench/cell_scoring.json]
+    python benchmarks/cell_scoring.py [--cells 10000 100000] [--per-cell 1 4] [--dim 384] [--k 5]
+        [--queries 512] [--scorers flat lsh hnsw sq8 pqfs twolevel] [--out runs/bench/cell_scoring.json]
 
-With C cells, the hybrid mode first scores the query against C prototypes; at 10^6 images
-(~43,000 cells) that scan, not the restricted database search, sets the cost. This compares
-exact scanning, LSH codes with exact re-ranking (several code lengths and shortlists) and an
-HNSW graph over the prototypes, at batch 1 with one thread: time per query, and the share of
-queries whose *correct* cell (the cell of the exact best database match) is among the k
-kept. The synthetic cells are calibrated like benchmarks/latency.py (on --bundle when given).
+Prototypes and queries come from the synthetic model of benchmarks/latency.py without the
+database (:func:`geoloc.bench.synthetic.make_prototype_data`; ``--per-cell K`` prototypes per
+cell, one per heading group), so 10^6 cells fit. For every registered scorer (a few settings
+each) at batch 1 with one FAISS thread: median ms per query of ``CellIndex.score_cells(q, k)``,
+and cell recall = share of queries whose exact top cell (best cosine over the cell's
+prototypes, computed by the ``flat`` scorer) is among the scorer's top ``k`` (also reported
+for top 1). The rule of ``index.quantizer: auto`` is derived from this table
+(:func:`geoloc.index.scorers.resolve_scorer_name`).
 """
 
 from __future__ import annotations
@@ -21,58 +23,69 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from geoloc.bench.synthetic import (DEFAULT_INTER_COS, DEFAULT_INTRA_COS, DEFAULT_MEAN_CELL_SIZE, bundle_cell_data,
-                                    make_cell_data)
+from geoloc.bench.synthetic import make_prototype_data
+from geoloc.bench.timing import current_rss_bytes, time_search
 from geoloc.config import IndexConfig
 from geoloc.index import CellIndex
 
-VARIANTS = [("flat", {})]
-VARIANTS += [("lsh", {"lsh_bits": bits, "lsh_k_factor": kf}) for bits in (384, 768, 1024) for kf in (16, 64)]
-VARIANTS += [("hnsw", {"hnsw_ef_search": ef}) for ef in (64, 128, 256)]
+SETTINGS = {
+    "flat": [{}],
+    "lsh": [{"lsh_k_factor": 16}, {"lsh_k_factor": 64}],
+    "hnsw": [{"hnsw_ef_search": 64}, {"hnsw_ef_search": 128}],
+    "sq8": [{"scorer_k_factor": 8}],
+    "pqfs": [{"scorer_k_factor": 8}, {"scorer_k_factor": 32}],
+    "twolevel": [{"twolevel_probe": 8}, {"twolevel_probe": 32}],
+}
+"""Per scorer: the first setting is built, the others reuse it via ``CellIndex.tuned``."""
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=1_000_000)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--per-cell", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--queries", type=int, default=1024)
-    ap.add_argument("--bundle", type=Path, default=None, help="calibrate the cells' spread on this bundle")
+    ap.add_argument("--queries", type=int, default=512)
+    ap.add_argument("--scorers", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--max-hnsw-prototypes", type=int, default=200_000, help="skip HNSW above this many prototypes (build time)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/cell_scoring.json"))
-    args = ap.parse_args()
-
-    intra, inter, mean_cell = DEFAULT_INTRA_COS, DEFAULT_INTER_COS, DEFAULT_MEAN_CELL_SIZE
-    if args.bundle:
-        b, intra, inter = bundle_cell_data(args.bundle, 16)
-        mean_cell = len(b.xb) / len(b.prototypes)
-    data = make_cell_data(args.size, args.dim, nq=args.queries, intra=intra, inter=inter, mean_cell=mean_cell,
-                          seed=args.size)
-    c = len(data.prototypes)
-    exact = faiss.IndexFlatIP(args.dim)
-    exact.add(data.xb)
-    true_cell = data.cells[exact.search(data.xq, 1)[1][:, 0]]  # the cell of the exact best match
-    del exact
-    print(f"N={args.size} C={c} D={args.dim}, intra {intra:.3f} / inter {inter:.3f} cosine, mean cell {mean_cell:.1f}")
-
-    faiss.omp_set_num_threads(1)
+    args = ap.parse_args(argv)
     rows = []
-    for kind, kw in VARIANTS:
-        idx = CellIndex.build(descriptors=data.xb[:0], cells=data.cells[:0], prototypes=data.prototypes,
-                              config=IndexConfig(quantizer=kind, use_gpu=False, **kw))
-        for q in data.xq[:20]:
-            idx.score_cells(q[None], args.k)
-        t = time.perf_counter()
-        for q in data.xq:
-            idx.score_cells(q[None], args.k)
-        ms = (time.perf_counter() - t) / len(data.xq) * 1e3
-        _, ids = idx.score_cells(data.xq, args.k)
-        kept = float(np.mean([tc in row for tc, row in zip(true_cell, ids, strict=True)]))
-        rows.append({"scorer": kind, **kw, "cells": c, "k": args.k, "ms_per_query": ms, "correct_cell_kept": kept,
-                     "bytes_per_cell": idx.memory_bytes()["quantizer"] / c})
-        print(f"| {kind} {json.dumps(kw)} | {ms:.3f} ms | correct cell in top {args.k}: {kept:.3f} |", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"size": args.size, "dim": args.dim, "intra_cos": intra, "inter_cos": inter,
-                                    "mean_cell": mean_cell, "results": rows}, indent=1))
+    print("| cells | K | P | scorer | setting | ms/query | cell recall@1 | cell recall@k | scorer MB | build s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in args.cells:
+        for per in args.per_cell:
+            protos, pc, xq = make_prototype_data(c, args.dim, per_cell=per, nq=args.queries, seed=c + per)
+            pcs = None if per == 1 else pc
+            truth = None
+            for kind in args.scorers:
+                if kind == "hnsw" and len(protos) > args.max_hnsw_prototypes:
+                    continue
+                faiss.omp_set_num_threads(2)
+                t = time.perf_counter()
+                base = CellIndex.build(descriptors=np.empty((0, args.dim), np.float32), cells=np.empty(0, np.int64),
+                                       prototypes=protos, prototype_cells=pcs,
+                                       config=IndexConfig(quantizer=kind, use_gpu=False, **SETTINGS[kind][0]))
+                build_s = time.perf_counter() - t
+                faiss.omp_set_num_threads(1)
+                for setting in SETTINGS[kind]:
+                    idx = base.tuned(**setting) if setting is not SETTINGS[kind][0] else base
+                    _, ids = idx.score_cells(xq, args.k)
+                    if kind == "flat":
+                        truth = ids[:, 0]
+                    ms = time_search(lambda x, idx=idx: idx.score_cells(x, args.k), xq, 1, budget_s=1.5)
+                    r1 = float((ids[:, 0] == truth).mean())
+                    rk = float((ids == truth[:, None]).any(axis=1).mean())
+                    mb = idx.memory_bytes()["quantizer"] / 1e6
+                    rows.append({"cells": c, "per_cell": per, "prototypes": len(protos), "scorer": kind, **setting,
+                                 "k": args.k, "ms_per_query": ms, "cell_recall_at_1": r1, "cell_recall_at_k": rk,
+                                 "scorer_bytes": mb * 1e6, "build_s": build_s, "rss_bytes": current_rss_bytes()})
+                    print(f"| {c} | {per} | {len(protos)} | {kind} | {json.dumps(setting)} | {ms:.4f} | {r1:.3f} | {rk:.3f} | "
+                          f"{mb:.1f} | {build_s:.1f} |", flush=True)
+                del base, idx
+            del protos, pc, xq
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"dim": args.dim, "k": args.k, "queries": args.queries, "results": rows}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

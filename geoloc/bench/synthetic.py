@@ -20,7 +20,7 @@ from geoloc.index import CellIndex
 
 __all__ = [
     "DEFAULT_INTRA_COS", "DEFAULT_INTER_COS", "DEFAULT_MEAN_CELL_SIZE", "HEADINGS", "CellData", "normalise",
-    "generator_weights", "make_cell_data", "segment_sum", "measure_cosines", "bundle_cell_data",
+    "generator_weights", "make_cell_data", "make_prototype_data", "segment_sum", "measure_cosines", "bundle_cell_data",
 ]
 
 # --- synthetic data defaults (used when no --bundle calibrates them) -----------------------
@@ -145,6 +145,58 @@ def make_cell_data(n: int, dim: int, *, nq: int, intra: float = DEFAULT_INTRA_CO
     xq = compose(cells[src], heads[src], w["s2"] * query_noise)
     nb = neighbour_table(np.full(c, 33), np.zeros(c, bool), p, q)  # cell id = p * side + q: key order
     return CellData(xb, cells, protos, nb, xq, dict(w, mean_cell=float(n / c), n_cells=c, query_noise=query_noise))
+
+
+def make_prototype_data(n_cells: int, dim: int, *, per_cell: int = 1, nq: int = 1024, intra: float = DEFAULT_INTRA_COS,
+                        inter: float = DEFAULT_INTER_COS, mean_cell: float = DEFAULT_MEAN_CELL_SIZE, query_noise: float = 1.5,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell prototypes and queries of :func:`make_cell_data`'s model, without the database (so
+    that 10^6 cells fit): prototype ``j`` of a cell is the expected mean of its members that look
+    along the headings ``h % per_cell == j`` (``per_cell`` 1..4), plus the noise of averaging
+    ``mean_cell / per_cell`` photos. Generated in chunks of cells.
+
+    Returns:
+        prototypes ``[C * per_cell, D]`` float32 (normalised), prototype_cells ``[C * per_cell]``
+        int64, queries ``[nq, D]`` float32 (a photo of a random cell along a random heading).
+    """
+    if not 1 <= per_cell <= HEADINGS:
+        raise ValueError(f"per_cell must be 1..{HEADINGS}; got {per_cell}")
+    rng = np.random.default_rng(seed)
+    w = generator_weights(intra, inter)
+    coef = {k: np.float32(np.sqrt(v)) for k, v in w.items() if k.endswith("2")}
+    side = int(np.ceil(np.sqrt(n_cells)))
+    nbw = (side + 2) // 3
+    n_blocks = ((side + 2) // 3) ** 2
+
+    def units(*shape: int) -> np.ndarray:
+        x = rng.standard_normal((*shape, dim), dtype=np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    m = units(1)[0]
+    u_block = units(n_blocks, HEADINGS)
+    q_cell = rng.integers(0, n_cells, size=nq)
+    q_head = rng.integers(0, HEADINGS, size=nq)
+    xq = np.empty((nq, dim), dtype=np.float32)
+    protos = np.empty((n_cells * per_cell, dim), dtype=np.float32)
+    groups = [np.flatnonzero(np.arange(HEADINGS) % per_cell == j) for j in range(per_cell)]
+    n_avg = max(1.0, mean_cell / per_cell)
+    step = 32768
+    for c0 in range(0, n_cells, step):
+        cc = np.arange(c0, min(c0 + step, n_cells))
+        blk = (cc // side // 3) * nbw + (cc % side) // 3
+        u_cell, u_cell_h = units(len(cc)), units(len(cc), HEADINGS)
+        base = coef["a2"] * m + coef["g2"] * u_cell
+        for j, hs in enumerate(groups):
+            x = base + coef["b2"] * u_block[blk][:, hs].mean(1) + coef["d2"] * u_cell_h[:, hs].mean(1)
+            x += rng.standard_normal(x.shape, dtype=np.float32) * np.float32(np.sqrt(w["s2"] / dim / n_avg))
+            protos[cc * per_cell + j] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        sel = np.flatnonzero((q_cell >= c0) & (q_cell < c0 + len(cc)))
+        if sel.size:
+            li, hh = q_cell[sel] - c0, q_head[sel]
+            x = base[li] + coef["b2"] * u_block[blk[li], hh] + coef["d2"] * u_cell_h[li, hh]
+            x += rng.standard_normal(x.shape, dtype=np.float32) * np.float32(np.sqrt(w["s2"] * query_noise / dim))
+            xq[sel] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return protos, np.repeat(np.arange(n_cells, dtype=np.int64), per_cell), xq
 
 
 def segment_sum(out: np.ndarray, cells: np.ndarray, x: np.ndarray) -> None:

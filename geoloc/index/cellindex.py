@@ -122,7 +122,7 @@ class CellIndex:
         wanted = SCORERS[resolve_scorer_name(config, int(ivf.nlist))]
         if wanted is not stored:
             # an empty new quantizer is trained and filled with the stored prototypes
-            ivf_tools.replace_ivf_quantizer(ivf, wanted.empty(int(ivf.d), config))
+            ivf_tools.replace_ivf_quantizer(ivf, wanted.empty_for(int(ivf.d), config, int(ivf.quantizer.ntotal)))
         refine = None
         rpath = Path(folder) / cls.REFINE_FILE
         if rpath.is_file():

@@ -39,7 +39,10 @@ __all__ = [
     "GpuExactScorer",
     "HNSWScorer",
     "LSHScorer",
+    "PQFastScanScorer",
     "PrototypeCells",
+    "SQ8Scorer",
+    "TwoLevelScorer",
     "register_scorer",
     "resolve_scorer_name",
     "scorer_for_index",
@@ -119,9 +122,14 @@ class CellScorer:
         raise NotImplementedError
 
     @classmethod
+    def empty_for(cls, d: int, config: IndexConfig, n_prototypes: int) -> faiss.Index:
+        """:meth:`empty` for ``n_prototypes`` prototypes (scorers whose structure depends on P override it)."""
+        return cls.empty(d, config)
+
+    @classmethod
     def make(cls, prototypes: np.ndarray, config: IndexConfig) -> faiss.Index:
         """The scorer's FAISS index over ``prototypes`` ``[P, D]`` float32 (L2-normalised)."""
-        q = cls.empty(prototypes.shape[1], config)
+        q = cls.empty_for(prototypes.shape[1], config, len(prototypes))
         q.train(prototypes)
         q.add(prototypes)
         return q
@@ -240,7 +248,7 @@ class LSHScorer(CellScorer):
         return isinstance(index, faiss.IndexRefine) and isinstance(faiss.downcast_index(index.base_index), faiss.IndexLSH)
 
     def params(self, m: int) -> faiss.SearchParameters:
-        return faiss.IndexRefineSearchParameters(k_factor=float(self.config.lsh_k_factor))
+        return faiss.IndexRefineSearchParameters(k_factor=_capped_k_factor(float(self.config.lsh_k_factor), m, self.index.ntotal))
 
     def to_cosine(self, dist: np.ndarray) -> np.ndarray:
         return 1.0 - 0.5 * dist  # |a - b|^2 = 2 - 2 cos for unit vectors
@@ -282,6 +290,132 @@ class HNSWScorer(CellScorer):
     def memory_bytes(self) -> int:
         m = int(self.index.hnsw.nb_neighbors(0)) // 2
         return super().memory_bytes() + int(self.index.ntotal) * (m * 2 * 4 + 16)  # level-0 links dominate
+
+
+def _capped_k_factor(k_factor: float, m: int, p: int) -> float:
+    """``k_factor`` lowered so that the shortlist ``k_factor * m`` holds at most all ``p`` prototypes
+    (FAISS's refine step would read the padding of a longer one)."""
+    return max(1.0, min(k_factor, p / max(1, m)))
+
+
+def _refine_over(base: faiss.Index, k_factor: float) -> faiss.IndexRefineFlat:
+    """``IndexRefineFlat(base)`` owning ``base``: codes shortlist, exact inner-product re-rank."""
+    q = faiss.IndexRefineFlat(base)
+    base.this.disown()  # the refine index owns (and frees) the base index from now on
+    q.own_fields = True
+    q.k_factor = float(k_factor)  # stored default; searches pass their own
+    return q
+
+
+class _CodesShortlist(CellScorer):
+    """Compressed codes scanned with SIMD for a shortlist of ``scorer_k_factor * m`` prototypes,
+    re-ranked exactly (``IndexRefineFlat``: the returned scores are exact cosines)."""
+
+    search_keys = ("scorer_k_factor",)
+    base_type: ClassVar[type] = faiss.Index
+
+    @classmethod
+    def owns(cls, index: faiss.Index) -> bool:
+        return isinstance(index, faiss.IndexRefine) and isinstance(faiss.downcast_index(index.base_index), cls.base_type)
+
+    def params(self, m: int) -> faiss.SearchParameters:
+        return faiss.IndexRefineSearchParameters(k_factor=_capped_k_factor(float(self.config.scorer_k_factor), m, self.index.ntotal))
+
+    def flat_storage(self) -> faiss.IndexFlat:
+        return self.index.refine_index
+
+    def memory_bytes(self) -> int:
+        base = faiss.downcast_index(self.index.base_index)
+        return super().memory_bytes() + int(self.index.ntotal) * int(base.code_size)
+
+
+@register_scorer("sq8")
+class SQ8Scorer(_CodesShortlist):
+    """8-bit scalar-quantized prototypes (``IndexScalarQuantizer`` QT_8bit, D bytes each, SIMD
+    scan) shortlist ``scorer_k_factor * m`` prototypes, re-ranked by exact cosine."""
+
+    base_type = faiss.IndexScalarQuantizer
+
+    @classmethod
+    def empty(cls, d: int, config: IndexConfig) -> faiss.Index:
+        sq = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        return _refine_over(sq, config.scorer_k_factor)
+
+
+@register_scorer("pqfs")
+class PQFastScanScorer(_CodesShortlist):
+    """4-bit product-quantized prototypes scanned in SIMD registers (``IndexPQFastScan``,
+    ``pqfs_m`` sub-quantizers, 0 = D/2: D/4 bytes each) shortlist ``scorer_k_factor * m``
+    prototypes, re-ranked by exact cosine."""
+
+    base_type = faiss.IndexPQFastScan
+
+    @classmethod
+    def empty(cls, d: int, config: IndexConfig) -> faiss.Index:
+        m = int(config.pqfs_m) or max(2, d // 2)
+        m = max(1, min(m, d))
+        while d % m:
+            m -= 1
+        pq = faiss.IndexPQFastScan(d, m, 4, faiss.METRIC_INNER_PRODUCT)
+        return _refine_over(pq, config.scorer_k_factor)
+
+
+@register_scorer("twolevel")
+class TwoLevelScorer(CellScorer):
+    """Two levels: the prototypes are grouped into coarse regions (k-means over the prototypes,
+    ``twolevel_regions``, 0 = 2 sqrt(P)); a query scores the region centres first and then,
+    exactly, only the prototypes inside its best ``twolevel_probe`` regions (``IndexIVFFlat`` over
+    the prototypes, per-call ``nprobe``). Scores are exact cosines of the prototypes found.
+
+    Regions are clusters in descriptor space, not geographic L x L blocks of cells: the scorer
+    sees only the prototypes (the grid positions live in the cell table), and descriptor-space
+    regions group what a query can confuse, which geographic blocks do not.
+    """
+
+    search_keys = ("twolevel_probe",)
+
+    @classmethod
+    def empty(cls, d: int, config: IndexConfig) -> faiss.Index:
+        return cls.empty_for(d, config, 0)
+
+    @classmethod
+    def empty_for(cls, d: int, config: IndexConfig, n_prototypes: int) -> faiss.Index:
+        regions = int(config.twolevel_regions) or max(1, int(2 * np.sqrt(max(1, n_prototypes))))
+        regions = max(1, min(regions, max(1, n_prototypes)))
+        centres = faiss.IndexFlatIP(d)
+        q = faiss.IndexIVFFlat(centres, d, regions, faiss.METRIC_INNER_PRODUCT)
+        centres.this.disown()  # the IVF owns (and frees) its region centres from now on
+        q.own_fields = True
+        q.cp.min_points_per_centroid = 1
+        q.cp.max_points_per_centroid = 32  # k-means on a sample: cheap at 10^6 prototypes
+        q.cp.niter = 10
+        return q
+
+    @classmethod
+    def make(cls, prototypes: np.ndarray, config: IndexConfig) -> faiss.Index:
+        q = super().make(prototypes, config)
+        q.make_direct_map()  # prototypes() reconstructs rows
+        return q
+
+    @classmethod
+    def owns(cls, index: faiss.Index) -> bool:
+        return isinstance(index, faiss.IndexIVFFlat)
+
+    def params(self, m: int) -> faiss.SearchParameters:
+        return faiss.SearchParametersIVF(nprobe=min(int(self.config.twolevel_probe), int(self.index.nlist)))
+
+    def flat_storage(self) -> None:
+        return None
+
+    def prototypes(self) -> np.ndarray:
+        if self._protos is None:
+            if self.index.direct_map.type == faiss.DirectMap.NoMap:
+                self.index.make_direct_map()
+            self._protos = self.index.reconstruct_n(0, self.index.ntotal)
+        return self._protos
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() + int(self.index.ntotal) * 8 + int(self.index.nlist) * int(self.index.d) * 4
 
 
 class PrototypeCells:
