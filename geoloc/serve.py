@@ -677,13 +677,17 @@ class ServerThread:
 
 def run_server(*, index: Path, host: str = "127.0.0.1", port: int = 8000, config: "Config | None" = None,
                max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 64,
-               max_upload_bytes: int = 20 * 1024 * 1024, log_level: str = "info", threads: int | None = None) -> None:
+               max_upload_bytes: int = 20 * 1024 * 1024, log_level: str = "info", threads: int | None = None,
+               sets: Sequence[str] = ()) -> None:
     """Serve the bundle at ``index`` over HTTP until interrupted (Ctrl-C / SIGTERM).
 
     The bundle's manifest is read before binding (a wrong path fails at once with a
     :class:`~geoloc.errors.GeolocError`); the full load and checksum verification run in the
     background while ``/healthz`` already answers, and ``/readyz`` turns 200 when they finish.
     Binds to loopback unless ``host`` says otherwise.
+
+    ``config`` replaces the bundle's query-time options (as ``Localizer.load``); ``sets``
+    (``section.key=value``) are applied on top of the bundle's config, as ``geoloc query --set``.
 
     ``threads``: torch intra-op threads for the backbone (default: all cores but one, at least
     one). The event loop needs a core of its own: with every core in torch's OpenMP pool, the
@@ -699,6 +703,7 @@ def run_server(*, index: Path, host: str = "127.0.0.1", port: int = 8000, config
         raise ConfigError(f"`geoloc serve` needs the serve extra ({err.name} is missing); "
                           "install it with: pip install 'geoloc[serve]'") from None
     from geoloc.bundle import read_manifest
+    from geoloc.config import Config
     from geoloc.engine import Localizer
 
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
@@ -707,13 +712,20 @@ def run_server(*, index: Path, host: str = "127.0.0.1", port: int = 8000, config
         raise ConfigError(f"threads must be at least 1, got {threads}")
     index = Path(index)
     read_manifest(index)  # fail fast on a wrong path or a foreign folder
+    sets = list(sets)
+    Config().override(sets)  # fail fast on a bad --set
     import torch
 
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_upload_bytes=max_upload_bytes)
-    app = create_app(lambda: Localizer.load(index, config=config), settings=settings)
+    def load() -> Localizer:
+        loc = Localizer.load(index, config=config)
+        loc.config.override(sets)
+        return loc
+
+    app = create_app(load, settings=settings)
     sock = bind_socket(host, port)
     logging.basicConfig(level=log_level.upper() if log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -329,6 +331,11 @@ def test_run_server_refuses_a_missing_bundle_before_binding(tmp_path):
         run_server(index=tmp_path / "nope", port=0)
 
 
+def test_run_server_refuses_a_bad_set_before_binding(built):
+    with pytest.raises(ConfigError, match="nonsense"):
+        run_server(index=built / "idx", port=0, sets=["query.nonsense=1"])
+
+
 def test_batcher_groups_by_options_and_waits_only_for_requests_on_their_way():
     calls: list = []
     gate = threading.Event()
@@ -363,3 +370,29 @@ def test_batcher_groups_by_options_and_waits_only_for_requests_on_their_way():
     finally:
         gate.set()
         b.stop()
+
+
+def test_run_server_serves_in_its_own_process(built, queries, reference):
+    """The entry point ``geoloc serve`` calls: a real process, loopback, ready, answering."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (f"from geoloc.serve import run_server; run_server(index={str(built / 'idx')!r}, port={port}, "
+            "threads=1, log_level='warning')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            for _ in range(1200):
+                assert proc.poll() is None, proc.stdout.read().decode()
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            q = queries[1]
+            r = c.post("/v1/localize", params={"mode": "classify"}, files={"image": (q.name, q.read_bytes(), "image/jpeg")})
+            assert r.status_code == 200 and same(strip(r.json()), reference["classify", q.name])
+    finally:
+        proc.terminate()
+        proc.wait(30)
