@@ -700,8 +700,10 @@ def run_server(*, index: Path, host: str = "127.0.0.1", port: int = 8000, config
         import python_multipart  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as err:
-        raise ConfigError(f"`geoloc serve` needs the serve extra ({err.name} is missing); "
-                          "install it with: pip install 'geoloc[serve]'") from None
+        from geoloc.errors import DependencyError
+
+        raise DependencyError(f"`geoloc serve` needs the serve extra ({err.name} is not installed); install it with "
+                              "pip install -e \".[serve]\" in the checkout, or pip install \"geoloc[serve]\"") from None
     from geoloc.bundle import read_manifest
     from geoloc.config import Config
     from geoloc.engine import Localizer
