@@ -1,7 +1,7 @@
 """Search-stage latency of classify / retrieve / hybrid against the usual ANN baselines.
 
     python benchmarks/latency.py [--sizes 10000 100000 1000000] [--dim 384] [--batch 1 256]
-                                 [--out FILE.json] [--bundle indexes/NAME] [--quick]
+                                 [--data hard realistic] [--out FILE.json] [--bundle indexes/NAME] [--quick]
 
 What is timed: the *search stage*, everything after the query descriptor exists (scoring the
 cells, choosing the top-k, searching the database; for classify the cell scoring alone),
@@ -9,9 +9,12 @@ through the engine's own ``CellIndex.search``. Warm-up calls first, then the med
 queries (batch 1: per call; batch B: per call / B). Batch-1 rows run FAISS with 1 OpenMP
 thread, batched rows all cores. Rows, recall and bytes: :mod:`geoloc.bench.rows`.
 
-Data: synthetic descriptors with the structure of the real problem
-(:func:`geoloc.bench.synthetic.make_cell_data`), calibrated on a real bundle with ``--bundle``
-(whose own vectors are benchmarked too, and whole engine queries on its images timed).
+Data (``--data``): ``hard`` = isotropic noise plus a few structured directions matching two mean
+cosines (:func:`geoloc.bench.synthetic.make_cell_data`); ``realistic`` = the eigen-spectra of cell
+centres and within-cell offsets, heading clusters and cell sizes of a real set
+(:mod:`geoloc.bench.realistic`). Both are calibrated on a real bundle with ``--bundle``, whose own
+vectors are benchmarked too (side by side with a realistic synthetic set of the same size:
+``side_by_side`` in the JSON), and whole engine queries on its images timed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import faiss
 import numpy as np
 
 from geoloc.bench import report
+from geoloc.bench.realistic import calibrate, default_calibration, make_realistic_data
+from geoloc.bench.realistic import summary as realistic_summary
 from geoloc.bench.endtoend import backbone_ms_per_query, end_to_end, gpu_rows
 from geoloc.bench.rows import NCPU, RowLog, engine_rows, hnsw_rows, ivf_rows, log
 from geoloc.bench.synthetic import (DEFAULT_INTER_COS, DEFAULT_INTRA_COS, DEFAULT_MEAN_CELL_SIZE, CellData,
@@ -44,12 +49,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="sizes 10^4 and 10^5 only (smoke run, < 1 min)")
     ap.add_argument("--with-backbone", default=None, metavar="NAME", help="add end-to-end ms (decode + backbone) via geoloc.backbones")
     ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--data", nargs="+", choices=("hard", "realistic"), default=["hard"],
+                    help="synthetic generators to run at every size (default: hard)")
     return ap.parse_args(argv)
 
 
-def rows_for(data: CellData, source: str, args: argparse.Namespace, *, bandwidth: float, backbone_ms: float | None) -> list[dict]:
+def rows_for(data: CellData, source: str, args: argparse.Namespace, *, bandwidth: float, backbone_ms: float | None,
+             kind: str = "hard") -> list[dict]:
     """Every latency row of one database: the engine's modes, then IVF-Flat and HNSW32."""
-    rl = RowLog(data, source, bandwidth, backbone_ms, budget_s=0.5 if args.quick else 2.0)
+    rl = RowLog(data, source, bandwidth, backbone_ms, budget_s=0.5 if args.quick else 2.0, data_kind=kind)
     gt1 = engine_rows(rl, batches=args.batch, quick=args.quick)
     ivf_rows(rl, gt1, batches=args.batch)
     hnsw_rows(rl, gt1, batches=args.batch, quick=args.quick)
@@ -95,28 +103,45 @@ def main(argv: list[str] | None = None) -> int:
     log(f"generator: intra-cell cos {intra:.3f}, inter-cell cos {inter:.3f}, mean cell {mean_cell:.1f} ({calibration})")
     gen = dict(nq=nq, intra=intra, inter=inter, mean_cell=mean_cell)
 
+    calib = calibrate(bundle.xb, bundle.cells) if bundle is not None else default_calibration(args.dim)
+    if "realistic" in args.data or bundle is not None:
+        log(f"realistic generator: {json.dumps(realistic_summary(calib))}")
+
+    def generate(kind: str, n: int) -> CellData:
+        if kind == "realistic":
+            return make_realistic_data(n, calib, nq=nq, seed=n)
+        return make_cell_data(n, args.dim, seed=n, **gen)
+
     t0 = time.perf_counter()
     rows: list[dict] = []
     for n in sizes:
-        t = time.perf_counter()
-        data = make_cell_data(n, args.dim, seed=n, **gen)
-        log(f"generated N={n} in {time.perf_counter() - t:.1f}s")
-        rows += rows_for(data, "synthetic", args, bandwidth=bw, backbone_ms=backbone_ms)
-        del data
-    e2e = None
+        for kind in args.data:
+            t = time.perf_counter()
+            data = generate(kind, n)
+            log(f"generated {kind} N={n} in {time.perf_counter() - t:.1f}s")
+            rows += rows_for(data, "synthetic", args, bandwidth=bw, backbone_ms=backbone_ms, kind=kind)
+            del data
+    e2e, side = None, None
     if bundle is not None:
-        rows += rows_for(bundle, "bundle", args, bandwidth=bw, backbone_ms=backbone_ms)
+        rows += rows_for(bundle, "bundle", args, bandwidth=bw, backbone_ms=backbone_ms, kind="bundle")
+        log("side by side: a realistic synthetic set of the bundle's size, calibrated on it")
+        twin = make_realistic_data(len(bundle.xb), calib, nq=nq, seed=7)
+        twin_rows = rows_for(twin, "synthetic", args, bandwidth=bw, backbone_ms=backbone_ms, kind="realistic-twin")
+        rows += twin_rows
+        side = report.side_by_side([r for r in rows if r["source"] == "bundle"], twin_rows)
+        del twin
         log("end to end: whole hybrid queries through the engine on the bundle's own images")
         e2e = end_to_end(args.bundle)
     gpu_note, g_rows = gpu_note_and_rows(args, sizes, gen)
     rows += g_rows
 
-    tg = [t for t in (report.targets(rows, n) for n in sizes) if t]
+    tg = [t for t in (report.targets(rows, n, kind) for n in sizes for kind in args.data) if t]
     info = {
         "cpu_model": cpu_model(), "cpu_threads": NCPU, "batch1_faiss_threads": 1, "machine": platform.machine(),
         "python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__,
         "faiss_compile": faiss.get_compile_options(), "gpu": gpu_note,
         "bandwidth": bwinfo, "calibration": calibration, "intra_cos": intra, "inter_cos": inter, "mean_cell_size": mean_cell,
+        "data": args.data, "realistic_calibration": realistic_summary(calib),
         "recall_definition": "share of queries whose exact (flat inner-product) top-1 is among the row's top-10; "
                              "classify: exact top-1's cell is the predicted top cell",
         "timing": "median over queries after 3 warm-up calls; perf_counter (CPU) / CUDA events (GPU); "
@@ -124,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": backbone_note, "wall_s": time.perf_counter() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "results": rows, "targets": tg, "end_to_end": e2e}, indent=1))
+    args.out.write_text(json.dumps({"machine": info, "results": rows, "targets": tg, "end_to_end": e2e,
+                                         "side_by_side": side}, indent=1))
     png = args.out.with_suffix(".png")
     report.plot(rows, png)
     print(report.markdown(rows))
@@ -132,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu_model']}, {NCPU} threads (batch-1 rows: 1 FAISS thread), faiss {faiss.__version__}, "
           f"numpy {np.__version__}, read bandwidth {bw / 1e9:.1f} GB/s, GPU: {gpu_note}")
     print("\n".join(report.summary_lines(tg)))
+    if side:
+        print(report.side_by_side_markdown(side))
     if e2e:
         st = ", ".join(f"{k} {v:.2f}" for k, v in e2e["stage_ms_median"].items())
         print(f"end to end on {e2e['bundle']} ({e2e['backbone']} at {e2e['input_size']} px, hybrid k={e2e['top_cells']}"

@@ -4,10 +4,12 @@ latency pass yields the rows, keys and targets benchmarks/latency.py writes."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from geoloc.bench import report
 from geoloc.bench.rows import RowLog, engine_rows, hnsw_rows, ivf_rows
-from geoloc.bench.synthetic import make_cell_data, measure_cosines
+from geoloc.bench.realistic import calibrate, default_calibration, effective_dims, make_realistic_data
+from geoloc.bench.synthetic import make_cell_data, make_prototype_data, measure_cosines
 from geoloc.bench.timing import recall_at, time_search
 
 ROW_KEYS = ["mode", "source", "db_size", "n_cells", "dim", "batch_size", "search_ms_per_query", "recall_vs_flat",
@@ -47,4 +49,40 @@ def test_latency_rows_keys_and_targets():
     assert hnsw_efs == {32, 128}
     t = report.targets(log.rows, len(data.xb))
     assert {"db_size", "hybrid_row", "flat_ms", "speedup_vs_flat", "hnsw_row", "speedup_vs_hnsw32", "default_row"} <= set(t)
+    issue_keys = {"data", "db_size", "default_row", "default_ms", "default_recall", "flat_ms", "default_speedup_vs_flat",
+                  "hnsw_ms_at_default_recall", "hnsw_best_recall", "hnsw_best_ms", "speedup_vs_hnsw32_at_equal_recall"}
+    assert issue_keys <= set(t) and t["data"] == "hard"
+    assert t["default_speedup_vs_flat"] == pytest.approx(t["flat_ms"] / t["default_ms"])
+    if t["hnsw_ms_at_default_recall"] is None:
+        assert t["speedup_vs_hnsw32_at_equal_recall"] is None and t["hnsw_best_recall"] < t["default_recall"]
+    else:
+        assert t["speedup_vs_hnsw32_at_equal_recall"] == pytest.approx(t["hnsw_ms_at_default_recall"] / t["default_ms"])
+    assert report.targets(log.rows, len(data.xb), "realistic") == {}  # no realistic rows here
+    side = report.side_by_side(log.rows, log.rows)
+    assert side and all(s["real_ms"] == s["twin_ms"] for s in side)
     assert report.markdown(log.rows).count("\n") == len(log.rows) + 1
+
+
+def test_realistic_generator_reproduces_its_calibration():
+    """Generate from a calibration, re-calibrate on the result: spectra, sizes and the global mean come back."""
+    c0 = default_calibration(48, seed=1)
+    data = make_realistic_data(20000, c0, nq=32, seed=2)
+    assert data.xb.shape == (20000, 48) and np.allclose(np.linalg.norm(data.xb, axis=1), 1, atol=1e-5)
+    assert (np.diff(data.cells) >= 0).all() and data.xq.shape == (32, 48)
+    c1 = calibrate(data.xb, data.cells)
+    assert abs(float((c1["mean"] ** 2).sum()) - float((c0["mean"] ** 2).sum())) < 0.03
+    assert abs(c1["offset_spectrum"].sum() - c0["offset_spectrum"].sum()) < 0.1
+    assert 0.5 < effective_dims(c1["offset_spectrum"]) / effective_dims(c0["offset_spectrum"]) < 1.6
+    assert 0.5 < effective_dims(c1["centre_spectrum"]) / effective_dims(c0["centre_spectrum"]) < 2.0
+    assert abs(c1["size_log_mu"] - c0["size_log_mu"]) < 0.2
+    # far fewer effective dimensions than the hard generator's isotropic noise
+    hard = make_cell_data(20000, 48, nq=4, seed=2)
+    assert effective_dims(calibrate(hard.xb, hard.cells)["offset_spectrum"]) > 1.5 * effective_dims(c1["offset_spectrum"])
+
+
+def test_prototype_generator_shapes():
+    protos, pc, xq = make_prototype_data(500, 32, per_cell=3, nq=20, seed=1)
+    assert protos.shape == (1500, 32) and np.array_equal(pc, np.repeat(np.arange(500), 3)) and xq.shape == (20, 32)
+    assert np.allclose(np.linalg.norm(protos, axis=1), 1, atol=1e-5)
+    sims = xq @ protos.T  # every query is a photo of some cell: its best prototype stands far out
+    assert sims.max(1).mean() > sims.mean() + 0.3

@@ -50,6 +50,8 @@ class RowLog:
     bandwidth: float
     backbone_ms: float | None = None
     budget_s: float = 2.0
+    data_kind: str = "hard"
+    """Generator of the data (``hard`` / ``realistic``; ``bundle`` for a real bundle's vectors)."""
     rows: list[dict] = field(default_factory=list)
 
     def add(self, mode: str, batch: int, ms: float, recall: float, bytes_q: float, bytes_vec: float, **extra) -> None:
@@ -59,7 +61,7 @@ class RowLog:
                    search_ms_per_query=ms, recall_vs_flat=recall, bytes_read_per_query=int(bytes_q),
                    floor_ms=floor_ms, x_floor=ms / floor_ms if floor_ms > 0 else None,
                    bytes_per_vector=bytes_vec, peak_rss_bytes=peak_rss_bytes(),
-                   threads=1 if batch == 1 else NCPU, **extra)
+                   threads=1 if batch == 1 else NCPU, data=self.data_kind, **extra)
         if self.backbone_ms is not None:
             row["end_to_end_ms_per_query"] = self.backbone_ms + ms
         self.rows.append(row)
@@ -77,20 +79,22 @@ def engine_rows(log_: RowLog, *, batches: list[int], quick: bool) -> np.ndarray:
     n, d = data.xb.shape
     log(f"[{log_.source}] N={n} C={len(data.prototypes)} D={d}: building cell indexes")
     t = time.perf_counter()
+    from geoloc.bench.report import default_scorer
+    kinds = list(dict.fromkeys(("flat", "hnsw", "lsh", default_scorer(len(data.prototypes)))))
     built = {kind: CellIndex.build(descriptors=data.xb, cells=data.cells, prototypes=data.prototypes,
                                    neighbours=data.neighbours, config=IndexConfig(quantizer=kind, use_gpu=False))
-             for kind in ("flat", "hnsw", "lsh")}
+             for kind in kinds}
     log(f"  built in {time.perf_counter() - t:.1f}s")
     faiss.omp_set_num_threads(NCPU)
     flat = built["flat"]
     gt1 = flat.search(data.xq, mode="retrieve", k=TOPK).ids[:, 0]  # ground truth = exact flat search
     for b in batches:
         ms = log_.timed(lambda x: flat.search(x, mode="retrieve", k=TOPK), b, max_calls=300 if n <= 100_000 else 40)
-        log_.add("retrieve", b, ms, 1.0, n * d * 4 / b, d * 4, index="IndexFlatIP (lazy view)")
+        log_.add("retrieve", b, ms, 1.0, n * d * 4 / b, d * 4, index="IVF lists in place")
     flat.drop_flat_view()
     exact_cells: dict[int, np.ndarray] = {}
     default_ef = IndexConfig().hnsw_ef_search
-    for scoring in ("flat", "lsh", "hnsw"):
+    for scoring in [k for k in ("flat", "lsh", "hnsw") if k in built] + [k for k in built if k not in ("flat", "lsh", "hnsw")]:
         efs = [default_ef] if scoring != "hnsw" else sorted({32, default_ef} if quick else {16, 32, 64, default_ef})
         for ef in efs:
             idx = built[scoring].tuned(hnsw_ef_search=ef) if scoring == "hnsw" else built[scoring]
