@@ -117,7 +117,9 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
 
         def extract(paths: list[Path], cache: str):
             return extract_features(paths, backbone=backbone, batch_size=bc.batch_size, num_workers=bc.num_workers,
-                                    cache_dir=work / cache, progress=progress, chunk_size=bc.cache_chunk)
+                                    cache_dir=work / cache, progress=progress, chunk_size=bc.cache_chunk,
+                                    engine=bc.engine, ray_address=bc.ray_address or None, workers=bc.workers or None,
+                                    threads_per_worker=bc.threads_per_worker or None, backbone_config=bc)
 
         ext = extract(records.abspaths(), "features")
         lap("extract")

@@ -223,6 +223,9 @@ def build_index_cmd(
     utm_zone: Optional[str] = _cfg_opt("data.utm_zone", "--utm-zone",
                                        help="UTM zone of images named only @east@north@, e.g. 10S."),
     device: Optional[str] = _cfg_opt("backbone.device", "--device", help="auto, cpu, cuda or cuda:N."),
+    engine: Optional[str] = _cfg_opt("backbone.engine", "--engine", help="Extraction engine: local or ray."),
+    ray_address: Optional[str] = _cfg_opt("backbone.ray_address", "--ray-address", help="Ray cluster: auto or HOST:PORT."),
+    workers: Optional[int] = _cfg_opt("backbone.workers", "--workers", help="Ray workers (0 = one per CPU)."),
     descriptors: Optional[Path] = typer.Option(None, "--descriptors",
                                                help="Use descriptors computed elsewhere (.npz with paths and "
                                                     "descriptors, keyed by database path) instead of a backbone."),
@@ -233,7 +236,9 @@ def build_index_cmd(
     cfg = _build_config(config, sets, {"--backbone": ("backbone.name", backbone), "--cell-size": ("cells.size_m", cell_size),
                                        "--groups": ("cells.groups", groups),
                                        "--min-images-per-cell": ("cells.min_images_per_cell", min_images),
-                                       "--utm-zone": ("data.utm_zone", utm_zone), "--device": ("backbone.device", device)})
+                                       "--utm-zone": ("data.utm_zone", utm_zone), "--device": ("backbone.device", device),
+                                       "--engine": ("backbone.engine", engine), "--ray-address": ("backbone.ray_address", ray_address),
+                                       "--workers": ("backbone.workers", workers)})
     _check_input(database, "--database")
     _check_out_dir(out_dir, "--out")
     if descriptors is not None:

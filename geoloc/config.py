@@ -181,6 +181,14 @@ class BackboneConfig(_Section):
     """Images per feature-cache chunk: the unit a killed build resumes from."""
     device: str = setting("auto", Choice(DEVICES, r"cuda:[0-9]{1,2}", "cuda:N"), runtime=True)
     """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'."""
+    engine: str = setting("local", Choice(("local", "ray")), runtime=True)
+    """Where extraction runs: 'local', or 'ray' (Ray Data actors; pip install -e ".[cpu,ray]")."""
+    workers: int = setting(0, Range(0, 4096), runtime=True)
+    """Ray actors for engine 'ray'; 0 = one per CPU of the cluster (one per GPU on CUDA)."""
+    ray_address: str = setting("", Text(empty_ok=True), runtime=True)
+    """Ray cluster to join: 'auto', 'HOST:PORT', or '' to start a local one."""
+    threads_per_worker: int = setting(0, Range(0, 256), runtime=True)
+    """Torch threads per Ray actor; 0 = this process's count (CPU features equal the local path's bit for bit)."""
 
 
 @dataclass

@@ -57,7 +57,8 @@ def config_of(backbone: Backbone) -> BackboneConfig:
     its weights ('random', 'default' for hub/packaged weights, or the local file) and input size."""
     source = backbone.weights_source.removeprefix("tuned:")
     weights = "random" if source == "random" else source[len("file:"):] if source.startswith("file:") else "default"
-    return BackboneConfig(name=backbone.name, weights=weights, image_size=backbone.input_size)
+    return BackboneConfig(name=backbone.name, weights=weights, image_size=backbone.input_size,
+                          resize=getattr(backbone, "resize", "crop"))
 
 
 class ChunkWorker:
