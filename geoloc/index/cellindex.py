@@ -53,6 +53,8 @@ class CellIndex:
         self._ivf_owner = ivf  # the proxy that owns the C++ index (a downcast proxy does not)
         self._ivf = faiss.downcast_index(ivf)
         self._codec = L.codec_of(self._ivf)
+        # plain ints: a SWIG attribute read costs microseconds per call, and nothing changes after build
+        self._n, self._c, self._d = int(self._ivf.ntotal), int(self._ivf.nlist), int(self._ivf.d)
         self._refine = refine if self._codec != "flat" else None
         self._config = config
         self._neighbours = neighbours
@@ -178,17 +180,17 @@ class CellIndex:
     @property
     def ntotal(self) -> int:
         """Number of database vectors N."""
-        return int(self._ivf.ntotal)
+        return self._n
 
     @property
     def nlist(self) -> int:
         """Number of cells C (inverted lists)."""
-        return int(self._ivf.nlist)
+        return self._c
 
     @property
     def dim(self) -> int:
         """Descriptor dimension D."""
-        return int(self._ivf.d)
+        return self._d
 
     @property
     def quantizer_kind(self) -> str:
@@ -257,8 +259,16 @@ class CellIndex:
             scores: ``[B, k]`` float32 cosine, descending (-inf on padding).
             ids: ``[B, k]`` int64 cell ids (-1 on padding).
         """
-        queries = check_matrix("queries", queries, self.dim)
+        queries = self._queries(queries)
         return self._score_cells(queries, check_k("top_cells", top_cells))
+
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
+        """``check_matrix`` with a fast path for what a caller usually passes: a C-contiguous
+        ``[B, D]`` float32 array (no conversion needed, so only the shape is read)."""
+        if (type(queries) is np.ndarray and queries.dtype == np.float32 and queries.ndim == 2
+                and queries.shape[1] == self._d and queries.flags.c_contiguous):
+            return queries
+        return check_matrix("queries", queries, self._d)
 
     def _score_cells(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if not len(queries):
@@ -306,7 +316,7 @@ class CellIndex:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        queries = check_matrix("queries", queries, self.dim)
+        queries = self._queries(queries)
         k = check_k("k", k)
         top_cells = check_k("top_cells", top_cells)
         w = float(fusion_weight)

@@ -150,7 +150,11 @@ class CellScorer:
             scores: ``[B, m]`` float32 cosines, descending (-inf on padding).
             ids: ``[B, m]`` int64 prototype rows (-1 on padding).
         """
-        dist, ids = self.index.search(queries, m, params=self.cached_params(m))
+        n = len(queries)
+        dist = np.empty((n, m), dtype=np.float32)
+        ids = np.empty((n, m), dtype=np.int64)
+        sp = faiss.swig_ptr  # search_c: the numpy wrapper's checks and copies cost more than a small search
+        self.index.search_c(n, sp(np.ascontiguousarray(queries, dtype=np.float32)), m, sp(dist), sp(ids), self.cached_params(m))
         scores = self.to_cosine(dist)
         scores[ids < 0] = -np.inf
         return scores, ids
@@ -357,6 +361,8 @@ class PQFastScanScorer(_CodesShortlist):
         while d % m:
             m -= 1
         pq = faiss.IndexPQFastScan(d, m, 4, faiss.METRIC_INNER_PRODUCT)
+        pq.pq.cp.niter = 10  # 16 centroids per sub-quantizer: short k-means on a sample is enough
+        pq.pq.cp.max_points_per_centroid = 64
         return _refine_over(pq, config.scorer_k_factor)
 
 
