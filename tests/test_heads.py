@@ -81,6 +81,7 @@ def test_training_lowers_loss_and_classifies(schedule, tmp_path):
     cfg.train.batch_size = 64
     cfg.train.lr = 1e-2
     cfg.train.group_schedule = schedule
+    cfg.train.schedule = "constant"  # a schedule over a fixed number of epochs would not be resumed with more
     cfg.train.val_fraction = 0.2
     model, rep = train_classifier(features=feats, labels=labels, lat=rec.lat, lon=rec.lon, table=table, config=cfg,
                                   checkpoint_dir=tmp_path)
@@ -109,6 +110,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     rec, table, labels, feats = _toy(n=600)
     cfg = Config()
     cfg.head.dim = 16
+    cfg.train.schedule = "constant"  # so that asking for 4 epochs after 2 resumes (cosine keys epochs)
     cfg.train.epochs = 4
     full, _ = train_classifier(features=feats, labels=labels, lat=rec.lat, lon=rec.lon, table=table, config=cfg)
     cfg.train.epochs = 2
