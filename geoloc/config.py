@@ -243,6 +243,7 @@ class IndexConfig(_Section):
     'twolevel' (coarse regions, then the prototypes of the best ones), 'auto' (the rule in
     geoloc.index.scorers.resolve_scorer_name)."""
     approx_min_cells: int = setting(10_000, Range(0, 1_000_000_000), runtime=True)
+    """quantizer 'auto': the 'pqfs' scorer from this many prototypes (cells x prototypes per cell) on, 'flat' below."""
     lsh_bits: int = setting(0, Range(0, 65_536), runtime=True)
     """Bits per prototype code; 0 = max(256, descriptor dimension)."""
     lsh_k_factor: float = setting(16.0, Range(1, 1000), runtime=True)

@@ -193,7 +193,7 @@ def test_hnsw_quantizer_recall(data: Synthetic):
     # scores are cosines (positive inner products), not negated distances
     np.testing.assert_allclose(res.cell_scores[:, 0], (big.xq * big.prototypes[res.cell_ids[:, 0]]).sum(1), atol=1e-5)
     auto = big.build(quantizer="auto", approx_min_cells=1000)
-    assert auto.quantizer_kind == "lsh"
+    assert auto.quantizer_kind == "pqfs"  # the auto rule: pqfs from approx_min_cells prototypes on
     assert big.build(quantizer="auto").quantizer_kind == "flat"
 
 

@@ -85,3 +85,12 @@ def test_per_call_setting_trades_recall(big: Synthetic, kind: str, key: str, lo:
     r_lo = (idx.tuned(**{key: lo}).score_cells(big.xq, 1)[1][:, 0] == exact).mean()
     r_hi = (idx.tuned(**{key: hi}).score_cells(big.xq, 1)[1][:, 0] == exact).mean()
     assert r_hi >= r_lo and r_hi >= 0.95
+
+
+def test_auto_rule_counts_prototypes():
+    cfg = IndexConfig(approx_min_cells=1000)
+    assert resolve_scorer_name(cfg, 999) == "flat" and resolve_scorer_name(cfg, 1000) == "pqfs"
+    multi = MultiProto(Synthetic(n_cells=150, dim=32, per_cell=2, nq=10, seed=13))
+    p = len(multi.prototypes)  # 150 cells, about 300 prototypes
+    assert multi.build(quantizer="auto", approx_min_cells=p).quantizer_kind == "pqfs"
+    assert multi.build(quantizer="auto", approx_min_cells=p + 1).quantizer_kind == "flat"

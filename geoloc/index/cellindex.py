@@ -98,7 +98,7 @@ class CellIndex:
         descriptors = check_matrix("descriptors", descriptors, d, normalised=True)
         cells = check_cells("cells", cells, descriptors.shape[0], c, "descriptor")
         neighbours = check_neighbours(neighbours, c)
-        scorer_cls = SCORERS[resolve_scorer_name(config, c)]
+        scorer_cls = SCORERS[resolve_scorer_name(config, p)]
         codec = str(config.codec)
         ivf = L.make_ivf(scorer_cls.make(prototypes, config), descriptors, cells, c, codec=codec, pq_m=int(config.pq_m))
         refine = None
@@ -121,7 +121,7 @@ class CellIndex:
         if stored is None:
             q = faiss.downcast_index(ivf.quantizer)
             raise BundleError(f"{Path(folder) / 'index.faiss'}: unknown cell scorer {type(q).__name__}; rebuild the bundle")
-        wanted = SCORERS[resolve_scorer_name(config, int(ivf.nlist))]
+        wanted = SCORERS[resolve_scorer_name(config, int(ivf.quantizer.ntotal))]
         if wanted is not stored:
             # an empty new quantizer is trained and filled with the stored prototypes
             ivf_tools.replace_ivf_quantizer(ivf, wanted.empty_for(int(ivf.d), config, int(ivf.quantizer.ntotal)))
