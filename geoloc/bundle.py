@@ -111,6 +111,15 @@ class Bundle:
     """Fine-tuned backbone weights, when the build tuned them."""
 
 
+INFO_KEYS = ("format_version", "created", "versions", "backbone", "descriptor_dim", "cells", "database")
+"""Manifest keys in the summary of ``geoloc info`` and ``GET /v1/info``."""
+
+
+def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest summary printed by ``geoloc info`` and served at ``/v1/info`` (keys :data:`INFO_KEYS`)."""
+    return {k: manifest[k] for k in INFO_KEYS if k in manifest}
+
+
 def library_versions() -> dict[str, str]:
     import faiss
     import timm

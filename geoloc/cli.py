@@ -191,22 +191,17 @@ def _check_out_dir(path: Path, flag: str) -> None:
 
 
 def _prepare_out_file(path: Optional[Path], flag: str) -> None:
-    """``flag`` names a file to write: create its parent folder; refuse, before any work, a
-    folder in its place or a place that cannot be written."""
+    """``flag`` names a file to write: refuse, before any work, a place where it cannot be
+    written (:func:`geoloc.fileio.check_output_file`), then create its parent folder."""
     if path is None:
         return
-    if path.is_dir():
-        raise OutputError(f"{flag} {path}: is a folder; pass a file path such as runs/x.json")
-    base = _nearest_existing(path.parent)
-    if not base.is_dir():
-        raise OutputError(f"{flag} {path}: {base} is a file, not a folder; pass another path")
+    from geoloc.fileio import check_output_file
+
+    check_output_file(path, flag=flag)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot create its folder ({e.strerror}); pass a writable path") from None
-    target = path if path.exists() else path.parent
-    if not os.access(target, os.W_OK):
-        raise OutputError(f"{flag} {path}: not writable (read-only file system or permissions); pass a writable path")
 
 
 # -- build-index ----------------------------------------------------------------------------------
@@ -556,6 +551,30 @@ def export_cmd(
         out.print(str(path), highlight=False)
 
 
+@app.command("serve")
+def serve_cmd(
+    index: Path = typer.Option(..., "--index", "-i", help="Bundle folder."),
+    config: Optional[str] = ConfigOpt(),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback; 0.0.0.0 exposes it, no auth)."),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, max=1024, help="Most images per backbone batch."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, max=10_000,
+                                      help="Longest wait for uploading requests to join a batch."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, max=100_000,
+                                  help="Queued images beyond which requests get 503."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01, max=1024, help="Largest image upload, MB."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="Torch threads (default: cores - 1)."),
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = typer.Option("info", "--log-level"),
+    sets: Optional[List[str]] = SetOpt(),
+) -> None:
+    """Serve a bundle over HTTP: POST /v1/localize[/batch]; GET /healthz /readyz /v1/info /metrics."""
+    cfg = _query_config(index, config, sets, {})  # query-time keys only, checked before the port opens
+    from geoloc.serve import run_server
+
+    run_server(index=index, host=host, port=port, config=cfg, max_batch=max_batch, max_wait_ms=max_wait_ms,
+               max_queue=max_queue, max_upload_bytes=int(max_upload_mb * 2**20), log_level=log_level, threads=threads)
+
+
 # -- info, synth-city -------------------------------------------------------------------------------
 @app.command("info")
 def info_cmd(
@@ -564,12 +583,10 @@ def info_cmd(
 ) -> None:
     """Verify a bundle's checksums and print its manifest summary."""
     require_faiss()
-    from geoloc.bundle import read_manifest, verify_files
+    from geoloc.bundle import manifest_summary, read_verified_manifest
 
-    m = read_manifest(index)
-    verify_files(index, m)
-    summary = {k: m.get(k) for k in ("format_version", "created", "versions", "backbone", "descriptor_dim", "cells",
-                                     "database")}
+    m = read_verified_manifest(index)  # checksums verified on one pinned folder, even during a rebuild
+    summary = manifest_summary(m)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

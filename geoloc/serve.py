@@ -63,17 +63,9 @@ if TYPE_CHECKING:  # the serve extra is optional: import fastapi only where it i
 
 log = logging.getLogger("geoloc.serve")
 
-INFO_KEYS = ("format_version", "created", "versions", "backbone", "descriptor_dim", "cells", "database")
-"""Manifest keys in the summary of ``geoloc info`` and ``GET /v1/info``."""
-
 _ROUTES = ("/v1/localize", "/v1/localize/batch", "/healthz", "/readyz", "/v1/info", "/metrics")
 _FORM_FIELDS_MAX = 64 * 1024
 """Bytes of non-file multipart content (headers, boundaries, text fields) allowed per file."""
-
-
-def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest summary printed by ``geoloc info`` (keys :data:`INFO_KEYS`)."""
-    return {k: manifest[k] for k in INFO_KEYS if k in manifest}
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -576,6 +568,8 @@ def create_app(localizer: LocalizerSource, *, settings: ServeSettings | None = N
             loc = svc.require_ready()
         except _HTTPFail as err:
             return fail(err)
+        from geoloc.bundle import manifest_summary
+
         return manifest_summary(loc.bundle.manifest)
 
     @app.get("/metrics")

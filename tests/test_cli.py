@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from citydata import TINY_CONFIG, write_dataset
 from geoloc.cli import app
+from geoloc.config import QUANTIZERS
 
 runner = CliRunner()
 
@@ -248,7 +249,7 @@ def test_real_process_refuses_a_bad_setting_in_one_line_at_once(tmp_path):
     elapsed = time.perf_counter() - t0
     assert proc.returncode == EXIT_USAGE and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "error: --set: index.quantizer = 'bogus': expected one of flat, lsh, hnsw, auto"]
+        f"error: --set: index.quantizer = 'bogus': expected one of {', '.join(QUANTIZERS)}"]
     assert elapsed < 30 and not (tmp_path / "out").exists()
     proc = subprocess.run([sys.executable, "-m", "geoloc", "query", "x.jpg", "--index", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)

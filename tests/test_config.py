@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoloc.config import (MAX_CONFIG_BYTES, MODES, PRESET_DIR, SECTIONS, Config, Range, all_keys, build_time_keys,
+from geoloc.config import (MAX_CONFIG_BYTES, MODES, PRESET_DIR, QUANTIZERS, SECTIONS, Config, Range, all_keys, build_time_keys,
                            collect_overrides, list_presets, load_config, parse_sets, runtime_keys)
 from geoloc.errors import ConfigError, one_line
 
@@ -25,7 +25,7 @@ from geoloc.errors import ConfigError, one_line
     ("train.epochs=-1", "train.epochs", "an integer from 0 to"),
     ("train.val_fraction=1.5", "train.val_fraction", "<= 0.9"),
     ("train.group_schedule=bogus", "train.group_schedule", "one of step, epoch"),
-    ("index.quantizer=bogus", "index.quantizer", "one of flat, lsh, hnsw, auto"),
+    ("index.quantizer=bogus", "index.quantizer", "one of " + ", ".join(QUANTIZERS)),
     ("query.mode=sideways", "query.mode", "one of classify, retrieve, hybrid"),
     ("backbone.device=tpu", "backbone.device", "one of auto, cpu, cuda, cuda:N"),
     ("cells.size_m=inf", "cells.size_m", "finite number >= 1"),

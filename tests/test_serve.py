@@ -29,8 +29,8 @@ from geoloc.cli import app as cli_app  # noqa: E402
 from geoloc.config import load_config  # noqa: E402
 from geoloc.engine import Localizer  # noqa: E402
 from geoloc.errors import ConfigError  # noqa: E402
+from geoloc.bundle import INFO_KEYS
 from geoloc.serve import (  # noqa: E402
-    INFO_KEYS,
     MicroBatcher,
     Overloaded,
     ServerThread,
@@ -373,13 +373,13 @@ def test_batcher_groups_by_options_and_waits_only_for_requests_on_their_way():
 
 
 def test_run_server_serves_in_its_own_process(built, queries, reference):
-    """The entry point ``geoloc serve`` calls: a real process, loopback, ready, answering."""
+    """``geoloc serve`` in a real process: loopback, ready, answering as the CLI does."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = (f"from geoloc.serve import run_server; run_server(index={str(built / 'idx')!r}, port={port}, "
-            "threads=1, log_level='warning')")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "geoloc", "serve", "--index", str(built / "idx"), "--port", str(port),
+           "--threads", "1", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             for _ in range(1200):
