@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from geoloc.synth import SYNTH_VERSION, Look, build_city, render_view, street_walk
-from geoloc.synth.writer import _query_look
+from geoloc.synth import query_look
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     pick = rng.integers(0, len(pos), a.n)
     heads = rng.integers(0, 4, a.n) * 90.0
-    looks = [Look() if i % 2 == 0 else _query_look(a.shift, rng, i)[0] for i in range(a.n)]
+    looks = [Look() if i % 2 == 0 else query_look(a.shift, rng, i)[0] for i in range(a.n)]
 
     stages = {"render": 0.0, "jpeg": 0.0}
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ from geoloc.synth import (
     Look, build_city, contact_sheet, generate_city, load_city, place_city, render_aerial_tile, render_view,
     street_walk,
 )
-from geoloc.synth.writer import MARKER, _query_look
+from geoloc.synth.writer import MARKER, query_look
 
 TINY = dict(seed=3, extent_m=150.0, spacing_m=15.0, headings=2, n_queries=6, image_size=256, shift="mild",
             progress=False)
@@ -52,7 +52,7 @@ def test_same_seed_same_bytes_any_workers(tiny, tmp_path):
     again = generate_city(out=tmp_path / "again", **{**TINY, "workers": 2})
     assert again.n_database == info.n_database and again.n_queries == info.n_queries
     assert tree_hash(tmp_path / "again") == tree_hash(out)
-    other = generate_city(out=tmp_path / "other", **{**TINY, "seed": 4})
+    generate_city(out=tmp_path / "other", **{**TINY, "seed": 4})
     assert tree_hash(tmp_path / "other") != tree_hash(out)
 
 
@@ -171,7 +171,7 @@ def test_strong_shift_changes_the_view_none_does_not():
     for level in ("mild", "strong"):
         d = []
         for k in range(4):
-            look = _query_look(level, rng, salt=k + 1)[0]
+            look = query_look(level, rng, salt=k + 1)[0]
             img = render_view(c, x=x, y=y, heading_deg=90.0, pitch_deg=6.0, look=look, seed=k)
             d.append(np.abs(img.astype(np.int16) - base).mean())
         diffs[level] = float(np.mean(d))

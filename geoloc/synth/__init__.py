@@ -10,9 +10,9 @@ downloaded here. Same seed and :data:`SYNTH_VERSION` -> same bytes on any machin
 from geoloc.synth.aerial import render_aerial_tile
 from geoloc.synth.city import SYNTH_VERSION, City, build_city, street_walk
 from geoloc.synth.render import TIMES, Look, render_view
-from geoloc.synth.writer import SHIFTS, CityInfo, contact_sheet, generate_city, load_city, place_city
+from geoloc.synth.writer import SHIFTS, CityInfo, contact_sheet, generate_city, load_city, place_city, query_look
 
 __all__ = [
     "SHIFTS", "SYNTH_VERSION", "TIMES", "City", "CityInfo", "Look", "build_city", "contact_sheet",
-    "generate_city", "load_city", "place_city", "render_aerial_tile", "render_view", "street_walk",
+    "generate_city", "load_city", "place_city", "query_look", "render_aerial_tile", "render_view", "street_walk",
 ]

@@ -92,7 +92,7 @@ def _image_seed(seed: int, stream: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), stream, int(index)]).generate_state(1)[0])
 
 
-def _query_look(level: str, rng: np.random.Generator, salt: int) -> tuple[Look, int, float, float]:
+def query_look(level: str, rng: np.random.Generator, salt: int) -> tuple[Look, int, float, float]:
     """(look, jpeg quality, heading jitter deg, pitch jitter deg) of one query under ``level``."""
     if level == "none":
         return Look(), DB_JPEG_QUALITY, 10.0, 0.0
@@ -336,7 +336,7 @@ def _generate(*, out: Path, seed: int, extent_m: float, spacing_m: float, shift:
         if city.gmap[gj, gi] not in (G_ROAD, G_MARK, G_CROSS):
             continue
         i = len(q_shots)
-        look, quality, hj, pj = _query_look(shift, rng, salt=i + 1)
+        look, quality, hj, pj = query_look(shift, rng, salt=i + 1)
         base = float(hdg[int(rng.integers(0, len(hdg)))])
         heading = round((base + float(rng.uniform(-hj, hj))) % 360.0, 1) % 360.0
         pitch = round(DB_PITCH + float(rng.uniform(-pj, pj)), 1)
