@@ -86,3 +86,17 @@ def test_prototype_generator_shapes():
     assert np.allclose(np.linalg.norm(protos, axis=1), 1, atol=1e-5)
     sims = xq @ protos.T  # every query is a photo of some cell: its best prototype stands far out
     assert sims.max(1).mean() > sims.mean() + 0.3
+
+
+def test_chunked_generator_is_deterministic_and_consistent():
+    from geoloc.bench.synthetic import ChunkedCellData, normalise, segment_sum
+    gen = ChunkedCellData(5000, 16, nq=8, chunk_cells=20, seed=3)
+    a, b = list(gen.chunks()), list(gen.chunks())
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+    xb, cells = np.concatenate([x[0] for x in a]), np.concatenate([x[1] for x in a])
+    assert len(xb) == 5000 and (np.diff(cells) >= 0).all() and cells.max() + 1 == gen.n_cells
+    protos, xq = gen.prototypes_and_queries()
+    ref = np.zeros_like(protos)
+    segment_sum(ref, cells, xb)
+    np.testing.assert_allclose(protos, normalise(ref), atol=1e-5)
+    assert np.allclose(np.linalg.norm(xq, axis=1), 1, atol=1e-5)

@@ -139,3 +139,19 @@ def test_compressed_index_round_trips(data: Synthetic, cfg: dict, tmp_path):
     for mode in ("hybrid", "retrieve"):
         a, b = idx.search(data.xq, mode=mode, k=10), loaded.search(data.xq, mode=mode, k=10)
         assert np.array_equal(a.ids, b.ids) and np.array_equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("cfg", [{"codec": "flat"}, {"codec": "sq8"}, {"codec": "pq", "pq_m": 8, "refine": "sq8"}])
+def test_chunked_build_equals_build(data: Synthetic, cfg: dict):
+    whole = data.build(quantizer="flat", **cfg)
+    sample = L.training_sample(data.xb, cfg["codec"])
+    if cfg.get("refine") == "sq8":  # RefineStore.build trains on the first 65536 rows' sample: all rows here
+        assert len(data.xb) <= 65536
+    parts = [(data.xb[i:i + 250], data.cells[i:i + 250]) for i in range(0, len(data.xb), 250)]
+    chunked = CellIndex.build_chunked(chunks=iter(parts), train_sample=sample if cfg.get("refine") != "sq8" else data.xb,
+                                      prototypes=data.prototypes, neighbours=data.neighbours,
+                                      config=IndexConfig(use_gpu=False, quantizer="flat", **cfg))
+    assert chunked.ntotal == whole.ntotal and chunked.codec == whole.codec and chunked.refine_kind == whole.refine_kind
+    for mode, kw in (("hybrid", {"top_cells": 3}), ("retrieve", {})):
+        a, b = whole.search(data.xq, mode=mode, k=10, **kw), chunked.search(data.xq, mode=mode, k=10, **kw)
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.scores, b.scores), mode

@@ -20,7 +20,7 @@ from geoloc.index import CellIndex
 
 __all__ = [
     "DEFAULT_INTRA_COS", "DEFAULT_INTER_COS", "DEFAULT_MEAN_CELL_SIZE", "HEADINGS", "CellData", "normalise",
-    "generator_weights", "make_cell_data", "make_prototype_data", "segment_sum", "measure_cosines", "bundle_cell_data",
+    "ChunkedCellData", "generator_weights", "make_cell_data", "make_prototype_data", "segment_sum", "measure_cosines", "bundle_cell_data",
 ]
 
 # --- synthetic data defaults (used when no --bundle calibrates them) -----------------------
@@ -197,6 +197,98 @@ def make_prototype_data(n_cells: int, dim: int, *, per_cell: int = 1, nq: int = 
             x += rng.standard_normal(x.shape, dtype=np.float32) * np.float32(np.sqrt(w["s2"] * query_noise / dim))
             xq[sel] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return protos, np.repeat(np.arange(n_cells, dtype=np.int64), per_cell), xq
+
+
+class ChunkedCellData:
+    """:func:`make_cell_data`'s model generated chunk by chunk, for databases that do not fit in memory.
+
+    Chunk ``j`` (cells ``j * chunk_cells ..``, rows of those cells) is regenerated identically on
+    every call from its own seed, so a build can make two passes (prototypes, then the lists)
+    holding one chunk at a time.
+
+    Attributes:
+        n_cells: C. sizes: ``[C]`` int64 rows per cell. neighbours: ``[C, 8]`` int64.
+    """
+
+    def __init__(self, n: int, dim: int, *, nq: int, chunk_cells: int = 8192, intra: float = DEFAULT_INTRA_COS,
+                 inter: float = DEFAULT_INTER_COS, mean_cell: float = DEFAULT_MEAN_CELL_SIZE, query_noise: float = 1.5,
+                 seed: int = 0) -> None:
+        rng = np.random.default_rng([seed, 0])
+        self.dim, self.nq, self.chunk_cells, self.seed, self.query_noise = dim, nq, chunk_cells, seed, query_noise
+        self.w = generator_weights(intra, inter)
+        self.coef = {k: np.float32(np.sqrt(v)) for k, v in self.w.items() if k.endswith("2")}
+        sigma = 0.9
+        mu = np.log(mean_cell) - sigma ** 2 / 2
+        sizes = np.clip(rng.lognormal(mu, sigma, size=int(2 * n / mean_cell) + 4096), 10, 400).astype(np.int64)
+        cum = np.cumsum(sizes)
+        c = int(np.searchsorted(cum, n) + 1)
+        sizes = sizes[:c].copy()
+        sizes[-1] -= int(cum[c - 1] - n)
+        if sizes[-1] <= 0:
+            sizes, c = sizes[:-1], c - 1
+        self.sizes, self.n_cells, self.n = sizes, c, n
+        self.starts = np.r_[0, np.cumsum(sizes)]
+        side = int(np.ceil(np.sqrt(c)))
+        p, q = np.arange(c) // side, np.arange(c) % side
+        self.block = (p // 3) * ((side + 2) // 3) + (q // 3)
+        self.m = normalise(rng.standard_normal((1, dim), dtype=np.float32))[0]
+        nb = int(self.block.max()) + 1
+        self.u_block = normalise(rng.standard_normal((nb * HEADINGS, dim), dtype=np.float32)).reshape(nb, HEADINGS, dim)
+        self.neighbours = neighbour_table(np.full(c, 33), np.zeros(c, bool), p, q)
+        src = rng.integers(0, n, size=nq)
+        self._q_cell = np.searchsorted(self.starts, src, side="right") - 1
+        self._q_head = rng.integers(0, HEADINGS, size=nq)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_cells // self.chunk_cells)
+
+    def _chunk(self, j: int, queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 1, j])
+        c0, c1 = j * self.chunk_cells, min((j + 1) * self.chunk_cells, self.n_cells)
+        k, d, co = c1 - c0, self.dim, self.coef
+        u_cell = normalise(rng.standard_normal((k, d), dtype=np.float32))
+        u_cell_h = normalise(rng.standard_normal((k * HEADINGS, d), dtype=np.float32)).reshape(k, HEADINGS, d)
+        cells = np.repeat(np.arange(c0, c1, dtype=np.int64), self.sizes[c0:c1])
+        heads = rng.integers(0, HEADINGS, size=len(cells))
+
+        def compose(cc: np.ndarray, hh: np.ndarray, var: float, r: np.random.Generator) -> np.ndarray:
+            x = r.standard_normal((len(cc), d), dtype=np.float32) * np.float32(np.sqrt(var / d))
+            x += co["a2"] * self.m + co["b2"] * self.u_block[self.block[cc], hh]
+            x += co["g2"] * u_cell[cc - c0] + co["d2"] * u_cell_h[cc - c0, hh]
+            return normalise(x)
+
+        xb = compose(cells, heads, self.w["s2"], rng)
+        if queries is not None:
+            sel = np.flatnonzero((self._q_cell >= c0) & (self._q_cell < c1))
+            if sel.size:
+                queries[sel] = compose(self._q_cell[sel], self._q_head[sel], self.w["s2"] * self.query_noise,
+                                       np.random.default_rng([self.seed, 2, j]))
+        return xb, cells
+
+    def chunks(self):
+        """Yield ``(xb [n_j, D] float32, cells [n_j] int64)`` chunk by chunk, rows in id order."""
+        for j in range(self.n_chunks):
+            yield self._chunk(j)
+
+    def prototypes_and_queries(self) -> tuple[np.ndarray, np.ndarray]:
+        """One pass: ``[C, D]`` normalised cell means and ``[nq, D]`` queries."""
+        protos = np.zeros((self.n_cells, self.dim), np.float32)
+        xq = np.zeros((self.nq, self.dim), np.float32)
+        for j in range(self.n_chunks):
+            xb, cells = self._chunk(j, xq)
+            segment_sum(protos, cells, xb)
+        return normalise(protos), xq
+
+    def sample(self, size: int) -> np.ndarray:
+        """``[size, D]`` rows drawn from the first chunks (an encoder training sample)."""
+        out, have = [], 0
+        for xb, _ in self.chunks():
+            out.append(xb[np.random.default_rng(self.seed).permutation(len(xb))[: size - have]])
+            have += len(out[-1])
+            if have >= size:
+                break
+        return np.concatenate(out)
 
 
 def segment_sum(out: np.ndarray, cells: np.ndarray, x: np.ndarray) -> None:

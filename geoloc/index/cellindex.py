@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import faiss
@@ -105,6 +106,48 @@ class CellIndex:
         if codec != "flat" and config.refine != "none":
             refine = RefineStore.build(str(config.refine), descriptors)
         return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells, refine=refine)
+
+    @classmethod
+    def build_chunked(cls, *, chunks: Iterable[tuple[np.ndarray, np.ndarray]], train_sample: np.ndarray,
+                      prototypes: np.ndarray, prototype_cells: np.ndarray | None = None,
+                      neighbours: np.ndarray | None = None, config: IndexConfig) -> CellIndex:
+        """:meth:`build` from database chunks, so that the float32 database never has to be in memory
+        at once (e.g. 10^7 rows with ``index.codec: sq8`` or ``pq``).
+
+        Args:
+            chunks: ``(descriptors [n_i, D] float32 L2-normalised, cells [n_i] int64)`` pairs; rows get
+                ids in the order given (the first chunk's rows are 0..n_0-1, and so on).
+            train_sample: ``[S, D]`` float32 rows the sq8/pq encoders (and a sq8 refine store) are trained
+                on, e.g. a random sample of the database (ignored by the flat codec).
+            prototypes, prototype_cells, neighbours, config: as in :meth:`build`.
+        Equals :meth:`build` over the concatenated chunks when ``train_sample`` is the sample
+        :meth:`build` draws (``geoloc.index.lists.training_sample``).
+        """
+        prototypes = check_matrix("prototypes", prototypes, normalised=True)
+        p, d = prototypes.shape
+        if p == 0:
+            raise ValueError("prototypes is empty: the index needs at least one cell")
+        prototype_cells, c = check_prototype_cells(prototype_cells, p)
+        neighbours = check_neighbours(neighbours, c)
+        codec = str(config.codec)
+        ivf = L.empty_ivf(SCORERS[resolve_scorer_name(config, p)].make(prototypes, config), d, c, codec=codec,
+                          pq_m=int(config.pq_m))
+        train_sample = check_matrix("train_sample", train_sample, d)
+        if codec != "flat":
+            L.train_codec(ivf, train_sample)
+        store = None
+        if codec != "flat" and config.refine != "none":
+            store = RefineStore.empty_index(str(config.refine), d, train_sample)
+        n = 0
+        for x, cells in chunks:
+            x = check_matrix("descriptors", x, d, normalised=True)
+            cells = check_cells("cells", cells, len(x), c, "descriptor")
+            L.add_rows(ivf, x, cells, n)
+            if store is not None:
+                store.add(x)
+            n += len(x)
+        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells,
+                   refine=None if store is None else RefineStore(store))
 
     @classmethod
     def load(cls, folder: Path, *, config: IndexConfig) -> CellIndex:

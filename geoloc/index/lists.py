@@ -29,7 +29,11 @@ from faiss.contrib import inspect_tools, ivf_tools
 
 __all__ = [
     "CODECS",
+    "add_rows",
     "all_vectors",
+    "empty_ivf",
+    "train_codec",
+    "training_sample",
     "codec_of",
     "list_view",
     "scan_all_blas",
@@ -67,7 +71,18 @@ def make_ivf(quantizer: faiss.Index, descriptors: np.ndarray, cells: np.ndarray,
         codec: ``flat`` | ``sq8`` | ``pq`` (:data:`CODECS`). pq_m: PQ bytes per vector (0 = D/4).
         train_size: rows (a fixed-seed sample) the sq8/pq encoders are trained on.
     """
-    d = descriptors.shape[1]
+    ivf = empty_ivf(quantizer, descriptors.shape[1], n_cells, codec=codec, pq_m=pq_m)
+    if codec != "flat":
+        if not len(descriptors):
+            raise ValueError(f"index.codec={codec} needs database descriptors to train its encoder; got none")
+        train_codec(ivf, training_sample(descriptors, codec, train_size))
+    add_rows(ivf, descriptors, cells, 0)
+    return ivf
+
+
+def empty_ivf(quantizer: faiss.Index, d: int, n_cells: int, *, codec: str = "flat", pq_m: int = 0) -> faiss.IndexIVF:
+    """An empty inner-product IVF of ``codec`` with ``n_cells`` lists over ``quantizer`` (which it owns
+    from now on); flat is ready to fill, sq8/pq need :func:`train_codec` first."""
     if codec == "flat":
         ivf = faiss.IndexIVFFlat(quantizer, d, n_cells, faiss.METRIC_INNER_PRODUCT)
     elif codec == "sq8":
@@ -81,21 +96,35 @@ def make_ivf(quantizer: faiss.Index, descriptors: np.ndarray, cells: np.ndarray,
         raise ValueError(f"index.codec must be one of {', '.join(CODECS)}; got {codec!r}")
     ivf.own_fields = True
     quantizer.this.disown()
-    if codec != "flat":
-        if not len(descriptors):
-            raise ValueError(f"index.codec={codec} needs database descriptors to train its encoder; got none")
-        rng = np.random.default_rng(0)
-        sample = descriptors if len(descriptors) <= train_size else descriptors[np.sort(rng.choice(len(descriptors), train_size, replace=False))]
-        sample = np.ascontiguousarray(sample, dtype=np.float32)
-        ivf.train_encoder(len(sample), faiss.swig_ptr(sample), None)
-    ivf.is_trained = True
-    # Keep ids in a named variable: add_preassigned passes a raw pointer, and a temporary
-    # would be freed before FAISS copies it (the stored ids would be garbage).
-    step = 1 << 18  # chunks: the encoders' temporaries stay small
-    for i in range(0, len(descriptors), step):
-        row_ids = np.arange(i, min(i + step, len(descriptors)), dtype=np.int64)
-        ivf_tools.add_preassigned(ivf, np.ascontiguousarray(descriptors[i:i + step]), cells[i:i + step], row_ids)
+    ivf.is_trained = codec == "flat"
     return ivf
+
+
+def training_sample(descriptors: np.ndarray, codec: str, train_size: int = 65536) -> np.ndarray:
+    """A fixed-seed sample ``[S, D]`` float32 of ``descriptors`` for the encoder of ``codec``."""
+    if codec == "pq":  # k-means per sub-quantizer: 256 centroids need far fewer rows
+        train_size = min(train_size, 256 * 64)
+    rng = np.random.default_rng(0)
+    sample = descriptors if len(descriptors) <= train_size else descriptors[np.sort(rng.choice(len(descriptors), train_size, replace=False))]
+    return np.ascontiguousarray(sample, dtype=np.float32)
+
+
+def train_codec(ivf: faiss.IndexIVF, sample: np.ndarray) -> None:
+    """Train the list encoder of a sq8/pq IVF on ``sample`` ``[S, D]`` float32 (the quantizer is left alone)."""
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    ivf.train_encoder(len(sample), faiss.swig_ptr(sample), None)
+    ivf.is_trained = True
+
+
+def add_rows(ivf: faiss.IndexIVF, x: np.ndarray, cells: np.ndarray, first_id: int) -> None:
+    """File rows ``x`` ``[n, D]`` under ``cells`` ``[n]`` with ids ``first_id .. first_id + n - 1``."""
+    step = 1 << 18  # chunks: the encoders' temporaries stay small
+    for i in range(0, len(x), step):
+        # Keep ids in a named variable: add_preassigned passes a raw pointer, and a temporary
+        # would be freed before FAISS copies it (the stored ids would be garbage).
+        row_ids = np.arange(first_id + i, first_id + min(i + step, len(x)), dtype=np.int64)
+        ivf_tools.add_preassigned(ivf, np.ascontiguousarray(x[i:i + step], dtype=np.float32),
+                                  np.ascontiguousarray(cells[i:i + step], dtype=np.int64), row_ids)
 
 
 def codec_of(ivf: faiss.Index) -> str:

@@ -77,19 +77,24 @@ class RefineStore:
     @classmethod
     def build(cls, kind: str, descriptors: np.ndarray) -> RefineStore:
         """A store of ``kind`` (``flat`` | ``sq8``) over ``descriptors`` ``[N, D]`` float32 (row i = id i)."""
-        d = descriptors.shape[1]
-        if kind == "flat":
-            idx = faiss.IndexFlatIP(d)
-        elif kind == "sq8":
-            idx = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(0)
-            sample = descriptors if len(descriptors) <= 65536 else descriptors[np.sort(rng.choice(len(descriptors), 65536, replace=False))]
-            idx.train(np.ascontiguousarray(sample, dtype=np.float32))
-        else:
-            raise ValueError(f"index.refine must be one of {', '.join(REFINES)}; got {kind!r}")
+        rng = np.random.default_rng(0)
+        sample = descriptors if len(descriptors) <= 65536 else descriptors[np.sort(rng.choice(len(descriptors), 65536, replace=False))]
+        idx = cls.empty_index(kind, descriptors.shape[1], sample)
         for i in range(0, len(descriptors), 1 << 18):
             idx.add(np.ascontiguousarray(descriptors[i:i + (1 << 18)], dtype=np.float32))
         return cls(idx)
+
+    @staticmethod
+    def empty_index(kind: str, d: int, sample: np.ndarray) -> faiss.Index:
+        """An empty, trained store index of ``kind`` for ``d``-D rows (sq8 trained on ``sample`` ``[S, D]``);
+        fill it with ``add`` in row order, then wrap it: ``RefineStore(index)``."""
+        if kind == "flat":
+            return faiss.IndexFlatIP(d)
+        if kind == "sq8":
+            idx = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+            idx.train(np.ascontiguousarray(sample, dtype=np.float32))
+            return idx
+        raise ValueError(f"index.refine must be one of {', '.join(REFINES)}; got {kind!r}")
 
     def nbytes(self) -> int:
         """Bytes held (the rows)."""
