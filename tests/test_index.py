@@ -108,10 +108,13 @@ def test_retrieve_equals_brute_force(index: CellIndex, data: Synthetic):
 
 
 def test_hybrid_all_cells_equals_retrieve(index: CellIndex, data: Synthetic):
-    full = index.search(data.xq, mode="retrieve", k=10)
+    scan = data.build(quantizer="flat", retrieve_blas_min_batch=10**6)  # retrieve by the hybrid kernel
+    full = scan.search(data.xq, mode="retrieve", k=10)
     hyb = index.search(data.xq, mode="hybrid", top_cells=index.nlist, k=10)
     assert np.array_equal(hyb.scores, full.scores)  # same kernel, bit-identical
     assert_same_topk(hyb.scores, hyb.ids, full.scores, full.ids, atol=0)
+    blas = index.search(data.xq, mode="retrieve", k=10)  # 40 queries: BLAS over list blocks
+    assert_same_topk(blas.scores, blas.ids, full.scores, full.ids, atol=1e-5)
 
 
 @pytest.mark.parametrize("top_cells", [1, 3, 7])
