@@ -34,7 +34,7 @@ from geoloc.bench.realistic import summary as realistic_summary
 from geoloc.bench.endtoend import backbone_ms_per_query, end_to_end, gpu_rows
 from geoloc.bench.rows import NCPU, RowLog, engine_rows, hnsw_rows, ivf_rows, log
 from geoloc.bench.synthetic import (DEFAULT_INTER_COS, DEFAULT_INTRA_COS, DEFAULT_MEAN_CELL_SIZE, CellData,
-                                    bundle_cell_data, make_cell_data)
+                                    bundle_cell_data, make_cell_data, perturbed_queries)
 from geoloc.bench.timing import cpu_model, measure_bandwidth
 
 
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += rows_for(bundle, "bundle", args, bandwidth=bw, backbone_ms=backbone_ms, kind="bundle")
         log("side by side: a realistic synthetic set of the bundle's size, calibrated on it")
         twin = make_realistic_data(len(bundle.xb), calib, nq=nq, seed=7)
+        twin.xq = perturbed_queries(twin.xb, nq, intra)  # the bundle's query model, so that like meets like
         twin_rows = rows_for(twin, "synthetic", args, bandwidth=bw, backbone_ms=backbone_ms, kind="realistic-twin")
         rows += twin_rows
         side = report.side_by_side([r for r in rows if r["source"] == "bundle"], twin_rows)

@@ -20,7 +20,7 @@ from geoloc.index import CellIndex
 
 __all__ = [
     "DEFAULT_INTRA_COS", "DEFAULT_INTER_COS", "DEFAULT_MEAN_CELL_SIZE", "HEADINGS", "CellData", "normalise",
-    "ChunkedCellData", "generator_weights", "make_cell_data", "make_prototype_data", "segment_sum", "measure_cosines", "bundle_cell_data",
+    "ChunkedCellData", "generator_weights", "make_cell_data", "make_prototype_data", "perturbed_queries", "segment_sum", "measure_cosines", "bundle_cell_data",
 ]
 
 # --- synthetic data defaults (used when no --bundle calibrates them) -----------------------
@@ -316,6 +316,15 @@ def measure_cosines(xb: np.ndarray, cells: np.ndarray, *, pairs: int = 20000, se
     return intra, inter
 
 
+def perturbed_queries(xb: np.ndarray, nq: int, intra: float, seed: int = 2) -> np.ndarray:
+    """``nq`` queries ``[nq, D]``: random database rows of ``xb`` ``[N, D]`` plus isotropic noise of
+    the size of a same-cell difference (variance ``1 - intra``), normalised (the bundle query model)."""
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, len(xb), size=nq)
+    noise = rng.standard_normal((nq, xb.shape[1]), dtype=np.float32) * np.float32(np.sqrt((1 - intra) / xb.shape[1]))
+    return normalise(xb[src] + noise)
+
+
 def bundle_cell_data(folder: Path, nq: int) -> tuple[CellData, float, float]:
     """A real bundle's vectors as :class:`CellData` (rows sorted by cell), with ``nq`` queries made
     by adding same-cell-sized noise to random database rows, and its measured cosines.
@@ -328,9 +337,6 @@ def bundle_cell_data(folder: Path, nq: int) -> tuple[CellData, float, float]:
     order = np.argsort(cells, kind="stable")
     xb, cells = xb[order], cells[order]
     intra, inter = measure_cosines(xb, cells)
-    rng = np.random.default_rng(2)
-    src = rng.integers(0, len(xb), size=nq)
-    noise = rng.standard_normal((nq, xb.shape[1]), dtype=np.float32) * np.float32(np.sqrt((1 - intra) / xb.shape[1]))
-    xq = normalise(xb[src] + noise)
+    xq = perturbed_queries(xb, nq, intra)
     nb = idx.neighbours if idx.neighbours is not None else np.full((idx.nlist, 8), -1, dtype=np.int64)
     return CellData(xb, cells, idx.prototypes(), nb, xq, {"bundle": str(folder)}), intra, inter
