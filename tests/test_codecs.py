@@ -155,3 +155,13 @@ def test_chunked_build_equals_build(data: Synthetic, cfg: dict):
     for mode, kw in (("hybrid", {"top_cells": 3}), ("retrieve", {})):
         a, b = whole.search(data.xq, mode=mode, k=10, **kw), chunked.search(data.xq, mode=mode, k=10, **kw)
         assert np.array_equal(a.ids, b.ids) and np.array_equal(a.scores, b.scores), mode
+
+
+def test_one_query_dedup_equals_the_vectorised_path():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w = int(rng.integers(1, 30))
+        row = rng.integers(-1, 12, size=(1, w))
+        for max_width in (1, 3, 12):
+            assert np.array_equal(L.dedup_rows(row, max_width), L._dedup_rows_vectorised(row, max_width))
+    assert np.array_equal(L.dedup_rows(np.full((1, 4), -1), 5), L._dedup_rows_vectorised(np.full((1, 4), -1), 5))
