@@ -104,11 +104,10 @@ def engine_rows(log_: RowLog, *, batches: list[int], quick: bool) -> np.ndarray:
 
 
 def scorer_bytes(idx: CellIndex) -> float:
-    """Bytes the cell scorer holds: the float32 prototypes, plus level-0 links (hnsw) or codes (lsh)."""
+    """Bytes the cell scorer holds: the float32 prototypes plus its own structure (``memory_bytes``)."""
     c, d = idx.nlist, idx.dim
     cfg = IndexConfig()
-    extra = {"hnsw": c * 2 * cfg.hnsw_m * 4, "lsh": c * (cfg.lsh_bits or max(256, d)) / 8}
-    return c * d * 4 + extra.get(idx.quantizer_kind, 0)
+    return idx.memory_bytes()["quantizer"]
 
 
 def cell_bytes(idx: CellIndex, xq: np.ndarray, batch: int) -> float:
@@ -120,6 +119,12 @@ def cell_bytes(idx: CellIndex, xq: np.ndarray, batch: int) -> float:
         return c * d * 4 / batch
     if idx.quantizer_kind == "lsh":
         return c * (cfg.lsh_bits or max(256, d)) / 8 / batch + cfg.lsh_k_factor * 20 * d * 4
+    if idx.quantizer_kind in ("sq8", "pqfs"):  # all codes once per batch + the exact re-rank of the shortlist
+        codes = idx.memory_bytes()["quantizer"] - c * d * 4
+        return codes / batch + cfg.scorer_k_factor * 20 * d * 4
+    if idx.quantizer_kind == "twolevel":  # region centres + the probed regions' prototypes
+        regions = 2 * np.sqrt(c)
+        return (regions + cfg.twolevel_probe * c / regions) * d * 4
     faiss.cvar.hnsw_stats.reset()
     idx.score_cells(xq, 20)
     return faiss.cvar.hnsw_stats.ndis / len(xq) * d * 4
