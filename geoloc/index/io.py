@@ -77,7 +77,7 @@ def load_index(folder: Path) -> tuple[faiss.IndexIVFFlat, np.ndarray | None, np.
     except (RuntimeError, MemoryError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BundleError(f"{path}: index file is truncated or corrupt ({first[:120]}); rebuild the bundle") from None
-    if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
+    if not isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)) or ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise BundleError(f"{path}: not a geoloc cell index (found {type(ivf).__name__}); rebuild the bundle")
     c, p = int(ivf.nlist), int(ivf.quantizer.ntotal)
     pc_path = folder / PROTOTYPE_CELLS_FILE
