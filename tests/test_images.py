@@ -15,6 +15,7 @@ from geoloc.errors import ImageError
 from geoloc.images import BACKGROUND_RGB, load_image
 
 from conftest import write_image
+from guards import deadline
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -312,39 +313,19 @@ def test_short_side_decodes_jpeg_at_reduced_scale_keeping_enough_pixels(tmp_path
     assert load_image(png, short_side=256).size == (2000, 1500)  # only JPEG has reduced-scale decoding
 
 
-def _alarm(seconds: int):
-    import contextlib
-    import signal
-
-    @contextlib.contextmanager
-    def guard():
-        def boom(*_):
-            raise TimeoutError(f"hung for {seconds} s")
-
-        old = signal.signal(signal.SIGALRM, boom)
-        signal.alarm(seconds)
-        try:
-            yield
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, old)
-
-    return guard()
-
-
 def test_a_fifo_named_jpg_is_refused_at_once(tmp_path):
     import os
 
     fifo = tmp_path / "photo.jpg"
     os.mkfifo(fifo)
-    with _alarm(5), pytest.raises(ImageError, match="not a regular file.*FIFO"):
+    with deadline(5), pytest.raises(ImageError, match="not a regular file.*FIFO"):
         load_image(fifo)
 
 
 def test_a_link_to_a_device_is_refused_without_reading(tmp_path):
     link = tmp_path / "zero.jpg"
     link.symlink_to("/dev/zero")
-    with _alarm(5), pytest.raises(ImageError, match="not a regular file.*device"):
+    with deadline(5), pytest.raises(ImageError, match="not a regular file.*device"):
         load_image(link)
 
 

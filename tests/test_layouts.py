@@ -3,12 +3,10 @@ inputs that must never block or split a message: FIFOs, corrupt EXIF, newlines i
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
@@ -17,25 +15,11 @@ from conftest import vpr_name, write_image
 from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
+from guards import deadline
 from geoloc.data import list_images, load_records, parse_utm_zone, parse_vpr_name, read_exif_gps
 from geoloc.data.exif import dms_to_deg
 from geoloc.data.folders import file_list_path
 from geoloc.errors import DatasetError
-
-
-@contextlib.contextmanager
-def deadline(seconds: int = 5):
-    """Fail (instead of hanging the suite) when the body blocks longer than ``seconds``."""
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _one_line(err: pytest.ExceptionInfo, *words: str) -> str:

@@ -9,7 +9,6 @@ is one line and leaves nothing half-written. Hangs are guarded with ``signal.ala
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
@@ -29,6 +28,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from citydata import REPO, TINY_CONFIG, write_dataset
+from guards import deadline
 from geoloc import bundle as bundle_mod
 from geoloc.build import build_index
 from geoloc.bundle import (BuildLockedError, OutputRefusedError, build_lock, check_output, lock_path, read_bundle,
@@ -39,21 +39,6 @@ from geoloc.fileio import (OutputError, atomic_write_bytes, open_regular, read_b
                            translate_write_errors)
 
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
-@contextlib.contextmanager
-def alarm(seconds: int):
-    """Fail (instead of hanging the suite) when the body runs longer than ``seconds``."""
-    def boom(*_):
-        raise TimeoutError(f"still running after {seconds} s: a read is not bounded")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +393,7 @@ def test_a_manifest_that_is_not_a_regular_file_is_one_line_never_a_hang(bundle, 
     else:
         with open(mf, "wb") as fh:
             fh.truncate(bundle_mod.MAX_MANIFEST_BYTES + 1)  # sparse: no disk used
-    with alarm(10):
+    with deadline(10):
         for reader in (read_manifest, read_bundle, check_output):
             with pytest.raises(BundleError) as err:
                 reader(bundle)
@@ -428,12 +413,12 @@ def test_geoloc_info_on_a_fifo_manifest_exits_with_one_line(bundle):
 def test_a_bundle_member_that_is_a_fifo_or_link_is_refused(bundle, name):
     (bundle / name).unlink()
     os.mkfifo(bundle / name)
-    with alarm(10), pytest.raises(BundleError, match=f"{name}.*(FIFO|regular)") as err:
+    with deadline(10), pytest.raises(BundleError, match=f"{name}.*(FIFO|regular)") as err:
         read_bundle(bundle)
     one_line_error(err)
     (bundle / name).unlink()
     (bundle / name).symlink_to("/dev/zero")
-    with alarm(10), pytest.raises(BundleError, match=f"{name}.*(link|regular)"):
+    with deadline(10), pytest.raises(BundleError, match=f"{name}.*(link|regular)"):
         read_bundle(bundle)
 
 
@@ -444,7 +429,7 @@ def test_bounded_readers(tmp_path):
     with pytest.raises(GeolocError, match="100 bytes"):
         read_bounded(f, max_bytes=99)
     os.mkfifo(tmp_path / "p")
-    with alarm(5):
+    with deadline(5):
         with pytest.raises(GeolocError, match="FIFO"):
             open_regular(tmp_path / "p")
         with pytest.raises(GeolocError, match="FIFO"):
@@ -594,7 +579,7 @@ def test_check_output_file_before_work(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="is a folder; --json needs a file name"):
         check_output_file(tmp_path, flag="--json")
     os.mkfifo(tmp_path / "p.json")
-    with alarm(5), pytest.raises(OutputError, match="FIFO"):
+    with deadline(5), pytest.raises(OutputError, match="FIFO"):
         check_output_file(tmp_path / "p.json")
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputError, match="is not a folder"):
