@@ -54,14 +54,8 @@ _LOW_SPACE_BYTES = 1 << 20
 
 
 def one_line(text: object) -> str:
-    """``text`` on one line: line breaks and other control characters escaped (``\\n``), so a
-    message quoting a path that holds a newline stays one line and still names the path exactly."""
-    text = str(text)
-    if hasattr(_errors, "one_line"):
-        return _errors.one_line(text)
-    if text.isprintable():  # pragma: no cover - until errors.one_line lands
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # pragma: no cover
+    """:func:`geoloc.errors.one_line` of ``str(text)`` (any object: a path, an errno string)."""
+    return _errors.one_line(str(text))
 
 
 # -- umask and modes ------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_device_named_jpg_is_refused(tmp_path):
     os.symlink("/dev/zero", tmp_path / "zero.jpg")
     with deadline(), pytest.raises(DatasetError) as err:
         read_exif_gps(tmp_path / "zero.jpg")
-    _one_line(err, "zero.jpg", "not a regular file")
+    _one_line(err, "zero.jpg", "character device, expected a regular file")
     assert list_images(tmp_path) == []
 
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from geoloc.errors import DatasetError
+from geoloc.errors import DatasetError, one_line
+from geoloc.fileio import open_regular as _open_regular
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
 """File suffixes (case-insensitive) listed as images in a folder; other files are ignored."""
@@ -25,14 +26,6 @@ MAX_LINE_CHARS = 65_536
 """Longest accepted line in a text file (CSV row, file-list entry); longer is an error, not a read without end."""
 
 F = TypeVar("F", bound=Callable)
-
-
-def one_line(text: str) -> str:
-    """``text`` with every non-printable character (newline, tab, escape...) written as its
-    Python escape (``\\n``), so a message naming any path stays on one line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def one_line_errors(fn: F) -> F:
@@ -60,34 +53,17 @@ def is_regular(path: str | os.PathLike) -> bool:
 
 
 def open_regular(path: str | os.PathLike, *, what: str) -> io.BufferedReader:
-    """Open ``path`` for binary reading, refusing anything but a regular file without blocking.
-
-    The open is non-blocking (a FIFO with no writer returns at once) and the check is made on
-    the open descriptor (no race between check and read).
+    """Open ``path`` for binary reading, refusing anything but a regular file without blocking
+    (:func:`geoloc.fileio.open_regular`: a non-blocking open, then ``fstat`` on the descriptor).
 
     Raises:
         DatasetError: absent, unreadable, or not a regular file; ``what`` names the role
             (``"image"``, ``"CSV file"``...).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{path}: is a folder, not a {what}") from None
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot open the {what} ({getattr(err, 'strerror', None) or err})") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-            raise DatasetError(f"{path}: is {kind}, not a {what}; only regular files are read")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return _open_regular(Path(path), error=DatasetError)
+    except DatasetError as err:
+        raise DatasetError(f"{err} ({what}; only regular files are read)") from None
 
 
 def read_text_lines(path: Path, *, what: str) -> io.TextIOWrapper:
