@@ -4,7 +4,7 @@ With a frozen backbone the pooled features are extracted once (and cached), so t
 the projection and the group heads costs seconds to minutes on a CPU. Groups are visited
 in turn (``train.group_schedule``: one group per step, or per epoch).
 
-The recipe (each part measured on and off; README "classifier recipe"):
+The recipe (each part measured on and off on generated cities; see docs/architecture.md):
 
 * **K sub-centres per cell** (``head.subcenters``), seeded by heading bin when the records
   carry headings (``head.subcenter_init``), trained with the margin loss of ``head.kind``
