@@ -11,6 +11,7 @@ is only ever renamed into place complete (geoloc.bundle).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from geoloc.augment import extract_augmented_views
 from geoloc.backbones import create_backbone
 from geoloc.bundle import build_lock, check_output, write_bundle
 from geoloc.cells import build_cells
@@ -33,7 +35,7 @@ from geoloc.fileio import sha256_file
 from geoloc.finetune import finetune_backbone
 from geoloc.heads import classifier_state
 from geoloc.index import CellIndex
-from geoloc.train import TrainReport, train_classifier
+from geoloc.train import TrainReport, Validation, select_fusion_weight, train_classifier
 
 
 @dataclass
@@ -58,7 +60,8 @@ def work_dir(out: Path) -> Path:
 
 
 def build_index(*, database: str | Path, out: str | Path, config: Config, progress: bool = True,
-                log: Callable[[str], None] = lambda _m: None, descriptors: str | Path | None = None) -> BuildReport:
+                log: Callable[[str], None] = lambda _m: None, descriptors: str | Path | None = None,
+                val_queries: str | Path | None = None) -> BuildReport:
     """Build a bundle at ``out`` from the images and positions of ``database``.
 
     ``out`` is checked before any work (:func:`geoloc.bundle.check_output`: only a missing
@@ -69,13 +72,21 @@ def build_index(*, database: str | Path, out: str | Path, config: Config, progre
     ``descriptors [N, F]``, see :func:`geoloc.export.read_descriptors`), keyed by the database
     paths (relative to the dataset root, or absolute). The classifier and the index are built on
     them instead of on a backbone's features; such a bundle answers descriptors, not images.
+
+    ``val_queries``: geotagged queries (any folder or CSV ``load_records`` reads) that select the
+    training epoch and, with ``train.select_fusion``, the hybrid fusion weight stored in the
+    bundle; without them the held-out database split is used.
     """
     out = Path(out)
     check_output(out)
     if descriptors is not None and config.train.finetune_blocks > 0:
         raise ConfigError("train.finetune_blocks needs images and a backbone; it cannot be used with --descriptors")
+    if descriptors is not None and val_queries is not None:
+        raise ConfigError("--val-queries are images, but a --descriptors bundle has no backbone to embed them")
+    config = copy.deepcopy(config)  # the build may choose query.fusion_weight; the caller's config is left as it was
     with build_lock(out):
-        return _build(database=database, out=out, config=config, progress=progress, log=log, descriptors=descriptors)
+        return _build(database=database, out=out, config=config, progress=progress, log=log, descriptors=descriptors,
+                      val_queries=val_queries)
 
 
 def external_backbone(path: Path, feature_dim: int) -> dict:
@@ -86,7 +97,7 @@ def external_backbone(path: Path, feature_dim: int) -> dict:
 
 
 def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
-           log: Callable[[str], None], descriptors: str | Path | None) -> BuildReport:
+           log: Callable[[str], None], descriptors: str | Path | None, val_queries: str | Path | None) -> BuildReport:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -135,10 +146,39 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
     log(f"{len(table)} cells of {cc.size_m:g} m in {table.n_groups} groups; "
         f"{int((labels < 0).sum())} images in cells under {cc.min_images_per_cell} images")
 
+    augmented: list[np.ndarray] = []
+    if config.train.augment_views and backbone is not None:
+        log(f"extracting {config.train.augment_views} augmented view(s) of each database image (cached)")
+        augmented = extract_augmented_views(good.abspaths(), backbone=backbone, views=config.train.augment_views,
+                                            work=work, batch_size=bc.batch_size, num_workers=bc.num_workers,
+                                            chunk_size=bc.cache_chunk, progress=progress)
+        lap("extract-augmented")
+    validation = None
+    if val_queries is not None:
+        vq = load_records(val_queries, split="queries", utm_zone=config.data.utm_zone or None)
+        vext = extract(vq.abspaths(), "val-features")
+        if not vext.ok.any():
+            raise DatasetError(f"{val_queries}: none of the {len(vq)} validation queries could be decoded")
+        vq = vq.subset(vext.ok)
+        validation = Validation(features=vext.features, lat=vq.lat, lon=vq.lon)
+        lap("extract-val")
+
     model, train_report = train_classifier(features=ext.features, labels=labels, lat=good.lat, lon=good.lon,
                                            table=table, config=config, checkpoint_dir=work / "train",
-                                           inputs_key=hashlib.sha256(ext.features.tobytes()).hexdigest(), log=log)
+                                           inputs_key=hashlib.sha256(ext.features.tobytes()).hexdigest(), log=log,
+                                           headings=good.heading, augmented=augmented, validation=validation)
     lap("train")
+    stats: dict = {}
+    if validation is not None and config.train.select_fusion:
+        q = config.query
+        w, by_w = select_fusion_weight(model, table, db_features=ext.features, filed=filed, db_lat=good.lat,
+                                       db_lon=good.lon, validation=validation, top_cells=q.top_cells,
+                                       neighbours=q.neighbours, threshold_m=q.threshold_m)
+        config.set("query.fusion_weight", w, source="--val-queries")  # stored with the bundle's config
+        stats["fusion_weight_val_lr@1"] = {f"{k:g}": v for k, v in by_w.items()}
+        log(f"fusion weight {w:g} chosen on {len(validation.features)} validation queries "
+            f"(LR@1 by weight: {', '.join(f'{k:g}: {v:.3f}' for k, v in by_w.items())})")
+        lap("select-fusion")
 
     features, backbone_state = ext.features, None
     if config.train.finetune_blocks > 0:
@@ -156,11 +196,12 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
         prototypes = model.prototypes(table)
     state = classifier_state(model, table)
     index = CellIndex.build(descriptors=desc, cells=filed, prototypes=prototypes.numpy(),
-                            neighbours=table.neighbours(), config=config.index)
+                            prototype_cells=model.prototype_cells(table), neighbours=table.neighbours(),
+                            config=config.index)
     lap("index")
 
-    stats = {"images_used": len(good), "images_skipped": len(skipped), "train_history": train_report.history,
-             "timings_s": timings}
+    stats.update({"images_used": len(good), "images_skipped": len(skipped), "train_history": train_report.history,
+                  "best_epoch": train_report.best_epoch, "timings_s": timings})
     write_bundle(out, config=config, backbone_info=backbone_info, table=table, records=good, filed=filed,
                  projection=state["projection"], prototypes=state["prototypes"], index=index, skipped=skipped,
                  stats=stats, backbone_state=backbone_state)

@@ -5,7 +5,7 @@ Layout (see ``docs/architecture.md``)::
     manifest.json        format version, library versions, backbone + fingerprint, descriptor
                          dim, cell scheme, build config, counts, timings, sha256 of every file
     config.yaml          the build config, human-readable
-    model.safetensors    projection [D, F] and raw prototypes [C, D] (cell-id order)
+    model.safetensors    projection [D, F] and raw prototypes [P, D] (P = C x K sub-centres, cell-major order)
     cells.safetensors    the cell table (key, zone, south, p, q, centre, group, column, n_images)
     records.safetensors  database positions and the cell each row is filed under
     paths.json           database image paths, relative to the dataset root
@@ -310,7 +310,7 @@ def write_bundle(
     Args:
         backbone_info: :meth:`geoloc.backbones.Backbone.describe` of the backbone used.
         records: the N database records in index row order; ``filed`` ``[N]`` their cell ids.
-        projection: ``[D, F]``; prototypes: ``[C, D]``.
+        projection: ``[D, F]``; prototypes: ``[P, D]`` (K sub-centres per cell: row ``c * K + k``).
         skipped: (path, reason) of every image left out.
         stats: counts and timings for the manifest.
         backbone_state: fine-tuned backbone weights (None: the backbone is rebuilt from its name).
@@ -759,8 +759,11 @@ def _check_consistency(b: Bundle) -> None:
         problems.append(f"records.safetensors 'filed' is {np.asarray(b.filed).dtype} {np.shape(b.filed)}, expected ({n},) integers")
     if b.projection is None or np.shape(b.projection) != (d, f):
         problems.append(f"projection shape {np.shape(b.projection)} differs from ({d}, {f}) (descriptor dim, feature dim)")
-    if b.prototypes is None or np.shape(b.prototypes) != (c, d):
-        problems.append(f"prototypes shape {np.shape(b.prototypes)} differs from ({c}, {d}) (cells, descriptor dim)")
+    p_cells = np.asarray(b.index.prototype_cells)
+    p = len(p_cells)
+    if b.prototypes is None or np.shape(b.prototypes) != (p, d) or p < c:
+        problems.append(f"prototypes shape {np.shape(b.prototypes)} differs from ({p}, {d}) (the index's prototypes, "
+                        f"at least one per cell of {c}; descriptor dim)")
     if b.index.ntotal != n or b.index.nlist != c or b.index.dim != d:
         problems.append(f"index holds {b.index.ntotal} vectors in {b.index.nlist} lists of dim {b.index.dim}, "
                         f"expected {n} in {c} of dim {d}")

@@ -221,6 +221,9 @@ def build_index_cmd(
     engine: Optional[str] = _cfg_opt("backbone.engine", "--engine", help="Extraction engine: local or ray."),
     ray_address: Optional[str] = _cfg_opt("backbone.ray_address", "--ray-address", help="Ray cluster: auto or HOST:PORT."),
     workers: Optional[int] = _cfg_opt("backbone.workers", "--workers", help="Ray workers (0 = one per CPU)."),
+    val_queries: Optional[str] = typer.Option(None, "--val-queries",
+                                              help="Geotagged validation queries (folder or CSV) that select the "
+                                                   "training epoch and the hybrid fusion weight stored in the bundle."),
     descriptors: Optional[Path] = typer.Option(None, "--descriptors",
                                                help="Use descriptors computed elsewhere (.npz with paths and "
                                                     "descriptors, keyed by database path) instead of a backbone."),
@@ -238,6 +241,8 @@ def build_index_cmd(
     _check_out_dir(out_dir, "--out")
     if descriptors is not None:
         _check_input(str(descriptors), "--descriptors")
+    if val_queries is not None:
+        _check_input(val_queries, "--val-queries")
     require_faiss()
     from geoloc.bundle import check_output
 
@@ -245,6 +250,7 @@ def build_index_cmd(
     from geoloc.build import build_index
 
     rep = build_index(database=database, out=out_dir, config=cfg, progress=not quiet, descriptors=descriptors,
+                      val_queries=val_queries,
                       log=(lambda m: None) if quiet else (lambda m: err.print(m, markup=False)))
     t = Table(title=f"bundle written: {rep.out}", show_header=False)
     for k, v in [("images used", rep.images_used), ("images skipped", rep.images_skipped),

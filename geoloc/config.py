@@ -209,7 +209,13 @@ class HeadConfig(_Section):
     scale: float = setting(100.0, Range(0, 1000, lo_open=True))
     """AAMC scale s."""
     margin: float = setting(0.2, Range(0, 1.5))
-    """AAMC additive angular margin m, radians."""
+    """Additive angular margin m, radians (AAMC), or additive cosine margin (CosFace)."""
+    subcenters: int = setting(4, Range(1, 64))
+    """K prototypes (sub-centres) per cell; a cell scores its best one."""
+    kind: str = setting("aamc", Choice(("aamc", "cosface")))
+    """Margin loss: 'aamc' (ArcFace: s cos(theta + m)) or 'cosface' (LMCC: s (cos theta - m))."""
+    subcenter_init: str = setting("heading", Choice(("heading", "random")))
+    """How sub-centres start: class means per heading bin (random images where headings are unknown), or random images."""
 
 
 @dataclass
@@ -228,6 +234,18 @@ class TrainConfig(_Section):
     """K > 0 also trains the last K backbone blocks on images (slow; needs the images)."""
     finetune_epochs: int = setting(1, Range(0, 10_000))
     lr_backbone: float = setting(1e-5, Range(0, 10))
+    sampler: str = setting("balanced", Choice(("balanced", "uniform")))
+    """'balanced': a cell, then one of its images (Divide&Classify); 'uniform': images directly."""
+    schedule: str = setting("constant", Choice(("constant", "cosine")))
+    """Learning-rate schedule: 'constant', or 'cosine' (linear warm-up, then cosine decay)."""
+    warmup_fraction: float = setting(0.05, Range(0, 0.95))
+    """Share of the steps spent warming up (schedule 'cosine')."""
+    select_epoch: bool = setting(False)
+    """Keep the epoch with the best held-out LR@1 (always done with --val-queries)."""
+    augment_views: int = setting(1, Range(0, 16))
+    """Augmented views per database image whose features join training (photometric + crop; extracted once, cached)."""
+    select_fusion: bool = setting(True)
+    """With --val-queries: choose query.fusion_weight on them at build time (stored in the bundle)."""
 
 
 @dataclass
@@ -285,6 +303,8 @@ class QueryConfig(_Section):
     top_matches: int = setting(10, Range(1, 1000), runtime=True)
     threshold_m: float = setting(25.0, Range(0, 25_000_000, lo_open=True), runtime=True)
     """eval: an answer within this many metres is correct."""
+    fusion_weight: float = setting(0.5, Range(0, 10), runtime=True)
+    """Hybrid: candidates ranked by cosine + fusion_weight x their cell's score (0: retrieval similarity alone)."""
 
 
 @dataclass

@@ -77,11 +77,13 @@ class QueryOptions:
     top_cells: int = 5
     neighbours: bool = False
     top_matches: int = 10
+    fusion_weight: float = 0.0
+    """Hybrid: rank candidates by cosine + fusion_weight x their cell's score."""
 
     @classmethod
     def from_config(cls, config: Config, **overrides) -> "QueryOptions":
         q = config.query
-        opts = cls(q.mode, q.top_cells, q.neighbours, q.top_matches)
+        opts = cls(q.mode, q.top_cells, q.neighbours, q.top_matches, q.fusion_weight)
         for key, value in overrides.items():
             if value is not None:
                 setattr(opts, key, value)
@@ -175,7 +177,7 @@ class Localizer:
         """Localise descriptors ``[B, D]`` (L2-normalised) in one mode; one Prediction per row."""
         opts = options or QueryOptions.from_config(self.config, **kw)
         res = self.bundle.index.search(desc, mode=opts.mode, top_cells=opts.top_cells, k=opts.top_matches,
-                                       neighbours=opts.neighbours)
+                                       neighbours=opts.neighbours, fusion_weight=opts.fusion_weight)
         b = len(desc)
         times = StageTimes(heads=res.times.cells_ms, search=res.times.search_ms).scaled(1 / max(b, 1))
         names = list(images) if images is not None else [f"#{i}" for i in range(b)]

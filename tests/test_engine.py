@@ -58,7 +58,8 @@ def test_hybrid_over_all_cells_equals_retrieve(loc):
     q = np.random.default_rng(1).normal(size=(16, 32)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     c = len(loc.bundle.table)
-    hyb = loc.localize_descriptors(q, mode="hybrid", top_cells=c, top_matches=10)
+    # weight 0: ranking by retrieval similarity alone (the default fuses in the cell score)
+    hyb = loc.localize_descriptors(q, mode="hybrid", top_cells=c, top_matches=10, fusion_weight=0.0)
     ret = loc.localize_descriptors(q, mode="retrieve", top_matches=10)
     for h, r in zip(hyb, ret):
         assert (h.lat, h.lon, h.match, h.candidates) == (r.lat, r.lon, r.match, r.candidates)
@@ -73,14 +74,19 @@ def test_answers_equal_brute_force_over_bundle_arrays(loc, built):
     desc = loc.encoder.descriptors(feats)
     db, cells = loc.bundle.index.vectors()
     protos = loc.bundle.prototypes / np.linalg.norm(loc.bundle.prototypes, axis=1, keepdims=True)
-    cell_scores = desc @ protos.T
+    owner = loc.bundle.index.prototype_cells  # [P] cell of each sub-centre
+    assert len(protos) == loc.config.head.subcenters * len(loc.bundle.table)
+    cell_scores = np.full((len(desc), len(loc.bundle.table)), -np.inf)
+    np.maximum.at(cell_scores, (slice(None), owner), desc @ protos.T)  # a cell scores its best sub-centre
+    w = loc.config.query.fusion_weight
+    assert w > 0  # the default ranks hybrid candidates by similarity + w x their cell's score
     for i in range(len(queries)):
         top = np.argsort(-cell_scores[i], kind="stable")[:3]
         assert preds["classify"][i].cell == top[0]
         best = int(np.argmax(db @ desc[i]))
         assert preds["retrieve"][i].match == loc.match_path(best)
         members = np.flatnonzero(np.isin(cells, top))
-        best_in = members[np.argmax(db[members] @ desc[i])]
+        best_in = members[np.argmax(db[members] @ desc[i] + w * cell_scores[i, cells[members]])]
         assert preds["hybrid"][i].match == loc.match_path(int(best_in))
 
 

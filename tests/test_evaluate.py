@@ -171,3 +171,28 @@ def test_bundle_from_descriptors_computed_elsewhere_answers_like_the_image_bundl
     with pytest.raises(DatasetError, match="no descriptor for 1 of"):
         build_index(database=root / "ds", out=tmp_path / "ext2", config=cfg, progress=False,
                     descriptors=tmp_path / "short.npz")
+
+
+def test_build_with_augmented_views_and_validation_queries_stores_the_chosen_fusion_weight(setup, tmp_path):
+    """The classifier recipe end to end: an augmented view of every database image joins training,
+    validation queries select the epoch and the fusion weight, and the bundle keeps the weight."""
+    from geoloc.bundle import read_manifest
+
+    root, _, q = setup
+    cfg = load_config(TINY_CONFIG, ["train.augment_views=1", "train.epochs=4"])
+    rep = build_index(database=root / "ds", out=tmp_path / "b", config=cfg, progress=False,
+                      val_queries=root / "ds" / "queries")
+    assert "extract-augmented" in rep.timings_s and "select-fusion" in rep.timings_s
+    assert rep.train.validation == "queries" and 1 <= rep.train.best_epoch <= 4
+    m = read_manifest(rep.out)
+    chosen = m["config"]["query"]["fusion_weight"]
+    by_w = m["stats"]["fusion_weight_val_lr@1"]
+    assert by_w[f"{chosen:g}"] == max(by_w.values())  # the weight with the best validation LR@1
+    assert cfg.query.fusion_weight == 0.5  # the caller's config is left as it was
+    loc = Localizer.load(rep.out)
+    assert loc.config.query.fusion_weight == chosen
+    assert len(loc.bundle.prototypes) == cfg.head.subcenters * len(loc.bundle.table)
+    # the augmented view was extracted once and is reused by a rebuild
+    again = build_index(database=root / "ds", out=tmp_path / "b", config=cfg, progress=False,
+                        val_queries=root / "ds" / "queries")
+    assert again.reused_feature_chunks >= 1
