@@ -96,7 +96,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", type=Path, default=REPO / "runs" / "demo" / "city")
-    ap.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    ap.add_argument("--config", default="demo", help="preset name or YAML file")
     ap.add_argument("--cell-sizes", type=float, nargs="+", default=[15.0, 25.0, 50.0])
     ap.add_argument("--top-cells", type=int, nargs="+", default=[1, 2, 5, 10, 20])
     ap.add_argument("--threshold-m", type=float, default=25.0)

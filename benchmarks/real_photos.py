@@ -1,7 +1,7 @@
 """Accuracy on real photos: the Lund walk in ../shared/data (positions from EXIF GPS only).
 
 Even-numbered frames form the database, odd-numbered frames the queries. Builds a bundle
-with the offline efficientnet_lite0 backbone (configs/lund.yaml: 25 m cells, every cell
+with the offline efficientnet_lite0 backbone (the lund preset: 25 m cells, every cell
 kept), evaluates the three modes, and runs the self-query check (database images queried
 against their own index). Prints the tables; ``--out`` writes them as JSON.
 
@@ -48,7 +48,7 @@ def split_by_frame(images: Path, out: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "lund" / "images")
-    ap.add_argument("--config", type=Path, default=REPO / "configs" / "lund.yaml")
+    ap.add_argument("--config", default="lund", help="preset name or YAML file")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not args.data.is_dir():
