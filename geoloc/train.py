@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from geoloc.cells import CellTable
 from geoloc.config import Config
 from geoloc.errors import ConfigError
-from geoloc.fileio import atomic_write_json, sha256_json
+from geoloc.fileio import atomic_write_json, translate_write_errors, sha256_json
 from geoloc.geo import geodesic_m
 from geoloc.heads import HEAD_KINDS, CellClassifier, build_classifier
 
@@ -374,12 +374,16 @@ def _save_checkpoint(folder: Path, key: str, epoch: int, history: list[dict], mo
                      best: tuple[int, float, dict] | None) -> None:
     # Weights first, then the state file that points at them: a crash in between leaves the
     # previous state file, whose epoch number no longer matches the weights, so it is ignored.
+    # A full disk, a read-only folder or a missing permission is one OutputError line naming the file.
     tag = f"{epoch:04d}"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / f"classifier-{tag}.safetensors")
-    torch.save(opt.state_dict(), folder / f"optimizer-{tag}.pt")
+    with translate_write_errors(folder / f"classifier-{tag}.safetensors"):
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / f"classifier-{tag}.safetensors")
+    with translate_write_errors(folder / f"optimizer-{tag}.pt"):
+        torch.save(opt.state_dict(), folder / f"optimizer-{tag}.pt")
     best_tag = f"{best[0]:04d}" if best is not None else ""
     if best is not None:
-        save_file({k: v.contiguous() for k, v in best[2].items()}, folder / f"best-{tag}.safetensors")
+        with translate_write_errors(folder / f"best-{tag}.safetensors"):
+            save_file({k: v.contiguous() for k, v in best[2].items()}, folder / f"best-{tag}.safetensors")
     atomic_write_json(folder / "train_state.json", {"key": key, "epoch": epoch, "history": history,
                                                     "best_epoch": best[0] if best else 0,
                                                     "best_lr1": best[1] if best else None, "best_tag": best_tag})

@@ -238,3 +238,25 @@ def test_fusion_weight_zero_over_all_cells_is_retrieval():
     w, recall = select_fusion_weight(model, table, top_cells=3, neighbours=True, **kw)
     assert w in recall and recall[w] == max(recall.values())
     assert all(recall[w] > recall[v] or v >= w for v in recall)  # ties go to the smaller weight
+
+
+def test_a_full_disk_while_checkpointing_is_one_output_error_line(tmp_path, monkeypatch):
+    """Issue 11: disk full during a build was a RuntimeError traceback from torch.save."""
+    import errno
+
+    from citydata import TINY_CONFIG, write_dataset
+    from geoloc.build import build_index
+    from geoloc.config import load_config
+    from geoloc.errors import OutputError
+
+    write_dataset(tmp_path / "ds", n_db=60, n_q=4)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("geoloc.train.torch.save", full)
+    with pytest.raises(OutputError) as err:
+        build_index(database=tmp_path / "ds", out=tmp_path / "idx", config=load_config(TINY_CONFIG), progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "optimizer-0001.pt" in msg and "no space left" in msg.lower()
+    assert not (tmp_path / "idx").exists()
