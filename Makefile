@@ -1,5 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test`.
-# Both create .venv on first use and install only what is missing.
+# Both create .venv on first use and install only what is missing (with the serve and ray extras,
+# so the HTTP service and the Ray build are tested too).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PINS)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[$(FAISS),dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[$(FAISS),dev,ray]"
 	@touch $@
 
 test: install
