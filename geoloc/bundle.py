@@ -73,8 +73,12 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 """A manifest larger than this is not one geoloc wrote (they are kilobytes)."""
-READ_ATTEMPTS = 5
-"""How many times :func:`read_bundle` starts again when a rebuild replaced the folder while it read."""
+READ_ATTEMPTS = 50
+"""How many times :func:`read_bundle` starts again when a rebuild replaced the folder while it read
+(a rebuild takes far longer than a read, so one retry is the rule; the bound matters only when
+bundles are swapped in a tight loop)."""
+READ_RETRY_SECONDS = 10.0
+"""...and for at most this long in all."""
 _RECORD_FIELDS = ("lat", "lon", "east", "north", "zone", "south", "heading")
 _IN_MEMORY = {"model.safetensors", "cells.safetensors", "records.safetensors", "paths.json", "backbone.safetensors"}
 
@@ -595,6 +599,7 @@ def _verified_manifest(path: Path, dfd: int) -> dict[str, Any]:
 
 
 def _retrying(path: Path, read):
+    deadline = time.monotonic() + READ_RETRY_SECONDS
     for attempt in range(READ_ATTEMPTS):
         dfd = None
         try:
@@ -602,12 +607,13 @@ def _retrying(path: Path, read):
             ident = os.fstat(dfd)
             return read(dfd)
         except BundleError:
-            if attempt == READ_ATTEMPTS - 1 or not _replaced(path, None if dfd is None else ident):
+            last = attempt == READ_ATTEMPTS - 1 or time.monotonic() > deadline
+            if last or not _replaced(path, None if dfd is None else ident):
                 raise
         finally:
             if dfd is not None:
                 os.close(dfd)
-        time.sleep(0.01 * (attempt + 1))
+        time.sleep(min(0.01 * (attempt + 1), 0.2))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
