@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import faiss
-import numpy as np
 
+from geoloc.bench.report import emit
 from geoloc.bench.synthetic import ChunkedCellData
 from geoloc.bench.timing import current_rss_bytes, peak_rss_bytes, time_search
 from geoloc.config import IndexConfig
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     hyb = idx.search(xq[:nr], mode="hybrid", top_cells=5, k=10)
     out["hybrid_recall_vs_retrieve"] = float((hyb.ids == full.ids[:, :1]).any(axis=1).mean())
     out["peak_rss_bytes"] = peak_rss_bytes()
-    print(json.dumps(out, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    emit(out, args.out)
     return 0
 
 

@@ -16,12 +16,12 @@ Same data, same cells, one FAISS thread at batch 1:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from geoloc.bench.report import emit
 from geoloc.bench.rows import NCPU
 from geoloc.bench.synthetic import make_cell_data
 from geoloc.bench.timing import time_search
@@ -95,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         out["bundle_bare_us"] = 1e3 * time_search(lambda x: bb(np.ascontiguousarray(x)), bx, 1, budget_s=1.0)
         out["bundle_index_us"] = 1e3 * time_search(lambda x: bidx.search(x, mode="hybrid", top_cells=5, k=10), bx, 1, budget_s=1.0)
         out["bundle_engine_us"] = 1e3 * time_search(lambda x: loc.localize_descriptors(x, mode="hybrid"), bx, 1, budget_s=1.0)
-    print(json.dumps(out, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    emit(out, args.out)
     return 0
 
 

@@ -13,12 +13,12 @@ timed interleaved with the new one (two rounds each),
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from geoloc.bench.report import emit
 from geoloc.bench.rows import NCPU
 from geoloc.bench.synthetic import make_cell_data
 from geoloc.bench.timing import current_rss_bytes, time_search
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             out.setdefault(f"flat_copy_ms_per_query_b{b}", []).append(
                 time_search(lambda x: old.search(x, 10), data.xq, b, budget_s=2.0))
     faiss.omp_set_num_threads(NCPU)
-    print(json.dumps(out, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    emit(out, args.out)
     return 0
 
 

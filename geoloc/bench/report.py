@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from geoloc.config import IndexConfig
 
 __all__ = ["TARGET_RECALL", "TARGET_VS_FLAT", "TARGET_VS_HNSW", "default_scorer", "label", "markdown", "plot", "side_by_side",
            "side_by_side_markdown", "summary_lines", "targets"]
+
+
+def emit(result: dict, path: Path) -> None:
+    """Print ``result`` as JSON and write it to ``path`` (its folder created)."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def label(r: dict) -> str:

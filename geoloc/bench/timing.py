@@ -25,6 +25,8 @@ def time_search(fn: Callable[[np.ndarray], object], xq: np.ndarray, batch: int, 
         xq: ``[Q, D]`` float32 queries, ``Q >= batch``.
         budget_s: rough wall-time budget; the number of calls is estimated from one call.
     """
+    if not 1 <= batch <= len(xq):
+        raise ValueError(f"batch {batch} needs at least that many queries; got {len(xq)} (raise --queries)")
     nb = len(xq) // batch
     for i in range(warmup):
         j = i % nb
