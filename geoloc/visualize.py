@@ -54,6 +54,26 @@ def _safe_name(text: str) -> str:
     return keep[-80:] or "query"
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_png: str | Path) -> Path:
+    """Write ``fig`` to ``out_png`` (its folder created) and free it."""
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    _pyplot().close(fig)
+    return out_png
+
+
 def prediction_strips(rows: Iterable[dict], out_dir: str | Path, *, n: int = 5, only_wrong: bool = False,
                       limit: int | None = None, side: int = 192) -> list[Path]:
     """Write one strip per query (query, then its top-``n`` matches framed green/red).
@@ -112,11 +132,7 @@ def error_map(rows: Sequence[dict], out_png: str | Path, *, cells_latlon: np.nda
         rows: predictions-file rows of one mode.
         cells_latlon: ``[C, 2]`` cell centres (lat, lon) drawn in grey, or None.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     truth = np.array([[r["truth"]["lat"], r["truth"]["lon"]] for r in rows], dtype=np.float64).reshape(-1, 2)
     guess = np.array([[r["lat"], r["lon"]] for r in rows], dtype=np.float64).reshape(-1, 2)
     ok = np.array([bool(r.get("correct")) for r in rows], dtype=bool)
@@ -136,21 +152,12 @@ def error_map(rows: Sequence[dict], out_png: str | Path, *, cells_latlon: np.nda
     ax.set_yticks([])
     ax.set_title(title or f"{len(rows)} queries, {ok.mean() if len(ok) else 0:.2f} right")
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def error_histogram(rows: Sequence[dict], out_png: str | Path, *, threshold_m: float = 25.0) -> Path:
     """Histogram of the best answer's error (log scale, metres), one panel row per mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     fig, axes = plt.subplots(len(modes) or 1, 1, figsize=(7, 2.2 * max(len(modes), 1)), dpi=110, sharex=True,
                              squeeze=False)
@@ -165,9 +172,4 @@ def error_histogram(rows: Sequence[dict], out_png: str | Path, *, threshold_m: f
         ax.set_title(f"{mode}: {np.mean(err <= threshold_m) if len(err) else 0:.2f} within {threshold_m:g} m, "
                      f"median {np.median(err) if len(err) else float('nan'):.1f} m", fontsize=9)
     axes[-1, 0].set_xlabel("error of the best answer (m, log scale)")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)

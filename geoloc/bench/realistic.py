@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from geoloc.bench.synthetic import DEFAULT_MEAN_CELL_SIZE, HEADINGS, CellData, normalise
+from geoloc.bench.synthetic import DEFAULT_MEAN_CELL_SIZE, HEADINGS, CellData, cells_of_sizes, normalise
 from geoloc.cells import neighbour_table
 
 __all__ = ["calibrate", "default_calibration", "effective_dims", "make_realistic_data", "summary"]
@@ -123,21 +123,9 @@ def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.
     """
     rng = np.random.default_rng(seed)
     d = int(calib["dim"])
-    sizes = []
-    total = 0
-    while total < n:
-        s = np.clip(np.rint(rng.lognormal(calib["size_log_mu"], calib["size_log_sigma"], 4096)),
-                    max(1, calib["size_min"]), max(1, calib["size_max"])).astype(np.int64)
-        sizes.append(s)
-        total += int(s.sum())
-    sizes = np.concatenate(sizes)
-    cum = np.cumsum(sizes)
-    c = int(np.searchsorted(cum, n) + 1)
-    sizes = sizes[:c].copy()
-    sizes[-1] -= int(cum[c - 1] - n)
-    if sizes[-1] <= 0:
-        sizes, c = sizes[:-1], c - 1
-    cells = np.repeat(np.arange(c, dtype=np.int64), sizes)
+    cells = cells_of_sizes(lambda: np.clip(np.rint(rng.lognormal(calib["size_log_mu"], calib["size_log_sigma"], 4096)),
+                                           max(1, calib["size_min"]), max(1, calib["size_max"])).astype(np.int64), n)
+    c = int(cells[-1]) + 1 if n else 0
     c_map = (np.sqrt(calib["centre_spectrum"])[:, None] * calib["centre_basis"].T).astype(np.float32)  # [D, D]
     o_std = np.sqrt(calib["offset_spectrum"])[:, None] * calib["offset_basis"].T
     h = float(calib["heading_share"])

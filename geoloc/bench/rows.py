@@ -105,8 +105,6 @@ def engine_rows(log_: RowLog, *, batches: list[int], quick: bool) -> np.ndarray:
 
 def scorer_bytes(idx: CellIndex) -> float:
     """Bytes the cell scorer holds: the float32 prototypes plus its own structure (``memory_bytes``)."""
-    c, d = idx.nlist, idx.dim
-    cfg = IndexConfig()
     return idx.memory_bytes()["quantizer"]
 
 

@@ -35,6 +35,24 @@ HEADINGS = 4
 """Views per cell: images of one cell share a cell direction, and one of 4 heading directions."""
 
 
+
+def cells_of_sizes(draw, n: int) -> np.ndarray:
+    """Cell ids ``[n]`` int64 (sorted) for cells whose sizes come from ``draw()`` (batches of
+    positive int64 sizes), the last cell cut so the sizes sum to exactly ``n``."""
+    sizes, total = [], 0
+    while total < n:
+        s = draw()
+        sizes.append(s)
+        total += int(s.sum())
+    sizes = np.concatenate(sizes)
+    cum = np.cumsum(sizes)
+    c = int(np.searchsorted(cum, n) + 1)
+    sizes = sizes[:c].copy()
+    sizes[-1] -= int(cum[c - 1] - n)
+    if sizes[-1] <= 0:
+        sizes, c = sizes[:-1], c - 1
+    return np.repeat(np.arange(c, dtype=np.int64), sizes)
+
 def normalise(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation, in place when float32; ``[n, D]`` -> ``[n, D]`` float32."""
     x = np.asarray(x, dtype=np.float32)
@@ -93,21 +111,8 @@ def make_cell_data(n: int, dim: int, *, nq: int, intra: float = DEFAULT_INTRA_CO
     w = generator_weights(intra, inter)
     sigma = 0.9
     mu = np.log(mean_cell) - sigma**2 / 2
-    sizes = []
-    total = 0
-    while total < n:
-        s = np.clip(rng.lognormal(mu, sigma, size=4096), 10, 400).astype(np.int64)
-        sizes.append(s)
-        total += int(s.sum())
-    sizes = np.concatenate(sizes)
-    cum = np.cumsum(sizes)
-    c = int(np.searchsorted(cum, n) + 1)
-    sizes = sizes[:c].copy()
-    sizes[-1] -= int(cum[c - 1] - n)
-    if sizes[-1] <= 0:
-        sizes = sizes[:-1]
-        c -= 1
-    cells = np.repeat(np.arange(c, dtype=np.int64), sizes)
+    cells = cells_of_sizes(lambda: np.clip(rng.lognormal(mu, sigma, size=4096), 10, 400).astype(np.int64), n)
+    c = int(cells[-1]) + 1 if n else 0
     side = int(np.ceil(np.sqrt(c)))
     p, q = np.arange(c) // side, np.arange(c) % side
     block = (p // 3) * ((side + 2) // 3) + (q // 3)
