@@ -291,6 +291,12 @@ class IndexConfig(_Section):
     retrieve_blas_min_batch: int = setting(16, Range(1, 1_000_000), runtime=True)
     """Exact retrieve over flat lists: batches of at least this many queries score blocks of lists with BLAS;
     smaller ones scan every list with the hybrid kernel."""
+    shards: int = setting(1, Range(1, 65_536))
+    """Geographic shards of the lists, each its own FAISS file (cells in key order: UTM zone, then easting
+    strips, cut into runs of about equal vector counts); 1 = one index.faiss. Build time only."""
+    mmap: bool = setting(True, runtime=True)
+    """Sharded indexes: open the shard files memory-mapped (an index larger than memory still answers);
+    false reads them into RAM."""
 
 
 @dataclass
