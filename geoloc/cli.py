@@ -609,21 +609,45 @@ def synth_city_cmd(
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1),
     extent_m: float = typer.Option(1000.0, "--extent-m", help="Side of the square city, metres."),
     spacing_m: float = typer.Option(5.0, "--spacing-m", help="Distance between database viewpoints."),
-    shift: Literal["none", "mild", "strong"] = typer.Option("mild", "--shift",
-                              help="Query domain shift."),
+    shift: Optional[Literal["none", "mild", "strong"]] = typer.Option(None, "--shift", show_default=False,
+                              help="Query domain shift [default: mild; with --queries-of the city's own]."),
     n_queries: int = typer.Option(500, "--queries", help="Number of query images."),
     headings: int = typer.Option(4, "--headings", help="Database headings per viewpoint."),
     workers: int = typer.Option(1, "--workers", min=1, max=256, help="Processes (output is identical for any count)."),
+    queries_of: Optional[Path] = typer.Option(None, "--queries-of", help="Only queries of this existing synth city, "
+                                              "drawn from --seed (not the city's own): validation queries for "
+                                              "build-index --val-queries. Extent, spacing and headings are the city's."),
     quiet: bool = QuietOpt(),
 ) -> None:
-    """Generate a geotagged synthetic city (the embedded default dataset)."""
+    """Generate a geotagged synthetic city (the embedded default dataset), or with --queries-of
+    validation queries of an existing one."""
     _check_out_dir(out_dir, "--out")
+    if queries_of is not None:
+        _synth_queries(queries_of, out_dir, seed=seed, shift=shift, n_queries=n_queries, workers=workers, quiet=quiet,
+                       city_flags={"--extent-m": extent_m != 1000.0, "--spacing-m": spacing_m != 5.0,
+                                   "--headings": headings != 4})
+        return
     from geoloc.synth import generate_city
 
-    info = generate_city(out=out_dir, seed=seed, extent_m=extent_m, spacing_m=spacing_m, shift=shift,
+    info = generate_city(out=out_dir, seed=seed, extent_m=extent_m, spacing_m=spacing_m, shift=shift or "mild",
                          n_queries=n_queries, headings=headings, workers=workers, progress=not quiet)
     out.print(f"{info.n_database} database images, {info.n_queries} queries, {info.n_aerial} aerial tiles "
               f"in {out_dir} ({info.seconds:.1f} s, {info.images_per_second:.0f} images/s)")
+
+
+def _synth_queries(city: Path, out_dir: Path, *, seed: int, shift: str | None, n_queries: int, workers: int, quiet: bool,
+                   city_flags: dict[str, bool]) -> None:
+    """``synth-city --queries-of CITY``: queries of an existing synth city with their own seed."""
+    given = [flag for flag, changed in city_flags.items() if changed]
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be combined with --queries-of: the queries are of that city, "
+                         "with its own extent, spacing and headings")
+    from geoloc.synth import generate_queries
+
+    info = generate_queries(city_dir=city, out=out_dir, seed=seed, n_queries=n_queries, shift=shift,
+                            workers=workers, progress=not quiet)
+    out.print(f"{info.n_queries} {info.shift}-shift queries of {one_line(str(city))} (seed {info.seed}) in "
+              f"{one_line(str(out_dir))} ({info.seconds:.1f} s); use them with build-index --val-queries")
 
 
 def main() -> None:

@@ -302,3 +302,79 @@ def test_a_failing_write_is_one_line(tmp_path, monkeypatch, code, word):
     monkeypatch.undo()
     generate_city(out=tmp_path / "c", **TINY)  # the partial city (marker first) is regenerated over
     assert tree_hash(tmp_path / "c") == PINNED_SHA256
+
+
+# -- validation queries of an existing city (generate_queries, synth-city --queries-of) -----------------
+
+def _local_positions(csv_path: Path) -> np.ndarray:
+    with open(csv_path, newline="") as fh:
+        return np.array([(float(r["east"]), float(r["north"])) for r in csv.DictReader(fh)])
+
+
+def test_queries_of_a_city_same_places_own_seed_never_its_test_views(tiny, tmp_path):
+    from geoloc.data import load_records
+    from geoloc.synth import generate_queries
+
+    city, _ = tiny
+    info = generate_queries(city_dir=city, out=tmp_path / "val", seed=11, n_queries=8, progress=False)
+    assert info.n_queries == 8 and info.shift == TINY["shift"]  # the city's own shift by default
+    names = sorted(p.name for p in (tmp_path / "val" / "queries").glob("*.jpg"))
+    assert len(names) == 8 and all(parse(n)[6].startswith("val") for n in names)
+    own = {p.name for p in (city / "queries").glob("*.jpg")}
+    assert not own & set(names)
+    val, test, db = (_local_positions(p) for p in (tmp_path / "val" / "queries.csv", city / "queries.csv",
+                                                   city / "database.csv"))
+    # same city: inside its extent, same UTM zone; never within 1 m of a test query or a database viewpoint
+    meta = __import__("json").loads((city / "city.json").read_text())["utm"]
+    local = val - [meta["sw_east"], meta["sw_north"]]
+    assert (local >= 0).all() and (local <= TINY["extent_m"]).all()
+    d_test = np.sqrt(((val[:, None] - test[None]) ** 2).sum(-1)).min(1)
+    d_db = np.sqrt(((val[:, None] - db[None]) ** 2).sum(-1)).min(1)
+    assert (d_test >= 0.99).all() and (d_db >= 0.99).all()
+    # usable as --val-queries: a folder holding queries/ reads as queries of the same zone
+    recs = load_records(tmp_path / "val", split="queries")
+    assert len(recs) == 8 and set(np.asarray(recs.zone).tolist()) == {info_zone(city)}
+    # deterministic in its seed, different for another seed
+    generate_queries(city_dir=city, out=tmp_path / "again", seed=11, n_queries=8, progress=False)
+    generate_queries(city_dir=city, out=tmp_path / "other", seed=12, n_queries=8, progress=False)
+    assert tree_hash(tmp_path / "again") == tree_hash(tmp_path / "val") != tree_hash(tmp_path / "other")
+
+
+def info_zone(city: Path) -> int:
+    return int(__import__("json").loads((city / "city.json").read_text())["utm"]["zone"])
+
+
+def test_queries_of_refuses_what_is_not_a_synth_city_and_the_city_seed(tiny, tmp_path):
+    from geoloc.synth import generate_queries
+
+    city, _ = tiny
+    with pytest.raises(DatasetError, match="own seed"):
+        generate_queries(city_dir=city, out=tmp_path / "v", seed=TINY["seed"], n_queries=2, progress=False)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "city.json").write_text("{}")
+    for bad in (tmp_path / "real", tmp_path / "missing"):
+        with pytest.raises(DatasetError, match="not a complete city"):
+            generate_queries(city_dir=bad, out=tmp_path / "v", seed=5, n_queries=2, progress=False)
+    generate_queries(city_dir=city, out=tmp_path / "q", seed=5, n_queries=2, progress=False)
+    with pytest.raises(DatasetError, match="not a complete city"):  # a folder of queries is not a city
+        generate_queries(city_dir=tmp_path / "q", out=tmp_path / "v", seed=6, n_queries=2, progress=False)
+    assert not (tmp_path / "v").exists()
+
+
+def test_cli_queries_of_exit_codes(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from geoloc.cli import app
+
+    city, _ = tiny
+    r = CliRunner()
+    ok = r.invoke(app, ["synth-city", "--out", str(tmp_path / "v"), "--queries-of", str(city), "--seed", "9",
+                        "--queries", "3", "--shift", "strong", "-q"])
+    assert ok.exit_code == 0, ok.output
+    assert all("@strong-" in p.name for p in (tmp_path / "v" / "queries").glob("*.jpg"))
+    (tmp_path / "plain").mkdir()
+    bad = r.invoke(app, ["synth-city", "--out", str(tmp_path / "w"), "--queries-of", str(tmp_path / "plain"), "-q"])
+    assert bad.exit_code == 3 and len(bad.output.strip().splitlines()) == 1
+    clash = r.invoke(app, ["synth-city", "--out", str(tmp_path / "w"), "--queries-of", str(city), "--seed", "9",
+                           "--headings", "8", "-q"])
+    assert clash.exit_code == 2 and "--headings" in clash.output

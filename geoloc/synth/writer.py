@@ -130,6 +130,37 @@ def _render_one(task: tuple[int, int]) -> int:
     return 1
 
 
+def _render_all(city: City, out: Path, size: int, shots: tuple[list[_Shot], list[_Shot]], *, workers: int,
+                progress: bool) -> float:
+    """Render every shot (database, then queries) to ``out``; returns the seconds spent rendering."""
+    _CTX.update(city=city, out=out, size=int(size), shots=shots)
+    tasks = [(0, i) for i in range(len(shots[0]))] + [(1, i) for i in range(len(shots[1]))]
+    total = len(tasks)
+    t_render = time.perf_counter()
+    done = 0
+    step = max(1, total // 20)
+
+    def report() -> None:
+        if progress and (done % step == 0 or done == total):
+            el = time.perf_counter() - t_render
+            print(f"synth-city: {done}/{total} images, {done / max(el, 1e-9):.0f} img/s", file=sys.stderr, flush=True)
+
+    try:
+        if workers > 1 and total > 8 and "fork" in mp.get_all_start_methods():
+            with mp.get_context("fork").Pool(int(workers)) as pool:
+                for _ in pool.imap_unordered(_render_one, tasks, chunksize=16):
+                    done += 1
+                    report()
+        else:
+            for t in tasks:
+                _render_one(t)
+                done += 1
+                report()
+    finally:
+        _CTX.clear()
+    return time.perf_counter() - t_render
+
+
 def place_city(*, seed: int, extent_m: float, origin_latlon: tuple[float, float]) -> City:
     """Build the city of ``seed`` and place its centre at ``origin_latlon`` (UTM of the origin's zone)."""
     lat0, lon0 = float(origin_latlon[0]), float(origin_latlon[1])
@@ -162,6 +193,52 @@ def _labels(city: City, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
     north = np.round(city.sw_north + np.asarray(y, np.float64), 2)
     lat, lon = utm_to_latlon(east, north, np.full(east.shape, city.zone), np.full(east.shape, city.south))
     return east, north, lat, lon
+
+
+def _query_shots(city: City, pos: np.ndarray, hdg: np.ndarray, *, seed: int, n_queries: int, shift: str,
+                 avoid: np.ndarray | None = None, pano: str = "query") -> tuple[list[_Shot], list[str]]:
+    """Query poses, looks and CSV rows of ``city`` drawn from ``seed``'s query sub-stream.
+
+    pos ``[P, 2]`` local database positions (metres), hdg ``[H]`` database headings; queries keep
+    1 m away from every database position and from every ``avoid`` ``[A, 2]`` local position (the
+    city's own test queries, when drawing validation queries of it).
+    """
+    extent_m = city.extent
+    zone, letter = city.zone, city.zone_letter
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _S_QUERY]))
+    streets = [(0, c, w) for c, w in city.h_streets] + [(1, c, w) for c, w in city.v_streets]
+    q_shots, q_rows = [], []
+    margin = 3.0
+    tries = 0
+    while len(q_shots) < n_queries:
+        tries += 1
+        _check(tries < 100 * n_queries + 1000, "cannot place queries away from the database positions; use a larger city")
+        axis, c, w = streets[int(rng.integers(0, len(streets)))]
+        along = float(rng.uniform(margin, extent_m - margin))
+        road_half = (w - 5.0 if w < 15 else w - 6.0) / 2
+        lateral = float(rng.uniform(-road_half + 0.5, road_half - 0.5))
+        x, y = (along, c + lateral) if axis == 0 else (c + lateral, along)
+        x, y = round(x, 2), round(y, 2)
+        if np.min((pos[:, 0] - x) ** 2 + (pos[:, 1] - y) ** 2) < 1.0:
+            continue
+        if avoid is not None and len(avoid) and np.min((avoid[:, 0] - x) ** 2 + (avoid[:, 1] - y) ** 2) < 1.0:
+            continue
+        gi, gj = int(x / GMAP_RES), int(y / GMAP_RES)
+        if city.gmap[gj, gi] not in (G_ROAD, G_MARK, G_CROSS):
+            continue
+        i = len(q_shots)
+        look, quality, hj, pj = query_look(shift, rng, salt=i + 1)
+        base = float(hdg[int(rng.integers(0, len(hdg)))])
+        heading = round((base + float(rng.uniform(-hj, hj))) % 360.0, 1) % 360.0
+        pitch = round(DB_PITCH + float(rng.uniform(-pj, pj)), 1)
+        e, n, la, lo = (v[0] for v in _labels(city, np.array([x]), np.array([y])))
+        name = _vpr_name(e, n, zone, letter, la, lo, f"{pano}{i:06d}", "0", heading, pitch, "202411",
+                         f"{shift}-{look.tod}")
+        rel = f"queries/{name}"
+        q_shots.append(_Shot(float(e - city.sw_east), float(n - city.sw_north), heading, pitch, look, quality,
+                             _image_seed(seed, _S_RENDER_Q, i), rel))
+        q_rows.append(f"{rel},{la:.7f},{lo:.7f},{e:.2f},{n:.2f},{zone},{letter},{heading:.1f}")
+    return q_shots, q_rows
 
 
 def _write_csv(path: Path, rows: list[str]) -> None:
@@ -316,37 +393,7 @@ def _generate(*, out: Path, seed: int, extent_m: float, spacing_m: float, shift:
             db_rows.append(f"{rel},{dlat[p]:.7f},{dlon[p]:.7f},{de[p]:.2f},{dn[p]:.2f},{zone},{letter},{h:.1f}")
 
     # -- queries: other positions on the streets, random-ish headings, shifted looks -------------
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _S_QUERY]))
-    streets = [(0, c, w) for c, w in city.h_streets] + [(1, c, w) for c, w in city.v_streets]
-    q_shots, q_rows = [], []
-    margin = 3.0
-    tries = 0
-    while len(q_shots) < n_queries:
-        tries += 1
-        _check(tries < 100 * n_queries + 1000, "cannot place queries away from the database positions; use a larger city")
-        axis, c, w = streets[int(rng.integers(0, len(streets)))]
-        along = float(rng.uniform(margin, extent_m - margin))
-        road_half = (w - 5.0 if w < 15 else w - 6.0) / 2
-        lateral = float(rng.uniform(-road_half + 0.5, road_half - 0.5))
-        x, y = (along, c + lateral) if axis == 0 else (c + lateral, along)
-        x, y = round(x, 2), round(y, 2)
-        if np.min((pos[:, 0] - x) ** 2 + (pos[:, 1] - y) ** 2) < 1.0:
-            continue
-        gi, gj = int(x / GMAP_RES), int(y / GMAP_RES)
-        if city.gmap[gj, gi] not in (G_ROAD, G_MARK, G_CROSS):
-            continue
-        i = len(q_shots)
-        look, quality, hj, pj = query_look(shift, rng, salt=i + 1)
-        base = float(hdg[int(rng.integers(0, len(hdg)))])
-        heading = round((base + float(rng.uniform(-hj, hj))) % 360.0, 1) % 360.0
-        pitch = round(DB_PITCH + float(rng.uniform(-pj, pj)), 1)
-        e, n, la, lo = (v[0] for v in _labels(city, np.array([x]), np.array([y])))
-        name = _vpr_name(e, n, zone, letter, la, lo, f"query{i:06d}", "0", heading, pitch, "202411",
-                         f"{shift}-{look.tod}")
-        rel = f"queries/{name}"
-        q_shots.append(_Shot(float(e - city.sw_east), float(n - city.sw_north), heading, pitch, look, quality,
-                             _image_seed(seed, _S_RENDER_Q, i), rel))
-        q_rows.append(f"{rel},{la:.7f},{lo:.7f},{e:.2f},{n:.2f},{zone},{letter},{heading:.1f}")
+    q_shots, q_rows = _query_shots(city, pos, hdg, seed=int(seed), n_queries=int(n_queries), shift=shift)
 
     # -- aerial tiles: positions and names up front, so the marker lists every file before any is written
     a_tiles, a_rows = [], []
@@ -376,32 +423,7 @@ def _generate(*, out: Path, seed: int, extent_m: float, spacing_m: float, shift:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     # -- render -------------------------------------------------------------------------------
-    _CTX.update(city=city, out=out, size=int(image_size), shots=(db_shots, q_shots))
-    tasks = [(0, i) for i in range(len(db_shots))] + [(1, i) for i in range(len(q_shots))]
-    total = len(tasks)
-    t_render = time.perf_counter()
-    done = 0
-    step = max(1, total // 20)
-
-    def report() -> None:
-        if progress and (done % step == 0 or done == total):
-            el = time.perf_counter() - t_render
-            print(f"synth-city: {done}/{total} images, {done / max(el, 1e-9):.0f} img/s", file=sys.stderr, flush=True)
-
-    try:
-        if workers > 1 and total > 8 and "fork" in mp.get_all_start_methods():
-            with mp.get_context("fork").Pool(int(workers)) as pool:
-                for _ in pool.imap_unordered(_render_one, tasks, chunksize=16):
-                    done += 1
-                    report()
-        else:
-            for t in tasks:
-                _render_one(t)
-                done += 1
-                report()
-    finally:
-        _CTX.clear()
-    render_s = time.perf_counter() - t_render
+    render_s = _render_all(city, out, int(image_size), (db_shots, q_shots), workers=workers, progress=progress)
 
     _write_csv(out / "database.csv", db_rows)
     _write_csv(out / "queries.csv", q_rows)
@@ -433,9 +455,104 @@ def _generate(*, out: Path, seed: int, extent_m: float, spacing_m: float, shift:
     _write_marker(out, params=params, files=planned, dirs=subdirs, complete=True)
     secs = time.perf_counter() - t_start
     return CityInfo(out=out, n_database=len(db_shots), n_queries=len(q_shots), n_aerial=n_aerial, zone=zone,
-                    zone_letter=letter, seconds=secs, images_per_second=total / max(render_s, 1e-9),
+                    zone_letter=letter, seconds=secs, images_per_second=(len(db_shots) + len(q_shots)) / max(render_s, 1e-9),
                     database_csv=out / "database.csv", queries_csv=out / "queries.csv", aerial_csv=aerial_csv,
                     city_json=out / "city.json")
+
+
+@dataclass
+class QueriesInfo:
+    """What :func:`generate_queries` wrote."""
+
+    out: Path
+    city: Path
+    n_queries: int
+    seed: int
+    shift: str
+    seconds: float
+    queries_csv: Path
+
+
+def _read_city_queries(city_dir: Path, city: City) -> np.ndarray:
+    """Local positions ``[Q, 2]`` (metres) of the city's own queries, from its ``queries.csv``."""
+    path = city_dir / "queries.csv"
+    try:
+        lines = read_bounded(path, max_bytes=1 << 30).decode("utf-8").splitlines()
+    except (GeolocError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{one_line(path)}: cannot be read ({one_line(err)}); regenerate the city") from None
+    header = lines[0].split(",") if lines else []
+    if header != CSV_HEADER.split(","):
+        raise DatasetError(f"{one_line(path)}: not a synth-city queries.csv (header {lines[0][:80] if lines else ''!r}); "
+                           "regenerate the city")
+    rows = [ln.split(",") for ln in lines[1:] if ln.strip()]
+    try:
+        en = np.array([(float(r[3]), float(r[4])) for r in rows], np.float64).reshape(-1, 2)
+    except (ValueError, IndexError):
+        raise DatasetError(f"{one_line(path)}: holds a row without numeric east,north; regenerate the city") from None
+    return en - np.array([city.sw_east, city.sw_north])
+
+
+def generate_queries(*, city_dir: Path, out: Path, seed: int, n_queries: int = 500, shift: str | None = None,
+                     progress: bool = True, workers: int = 1) -> QueriesInfo:
+    """Queries of an existing synthetic city drawn from their own ``seed`` (e.g. validation queries
+    for ``build-index --val-queries``): the same city (streets, buildings, positions), other
+    viewpoints and looks.
+
+    ``out`` gets ``queries/`` (VPR-named JPEGs, pano ids ``val000000``...), ``queries.csv`` and the
+    generator's marker. Queries keep 1 m away from every database position and from every one of
+    the city's own test queries, so no validation image shows a test query's view. ``shift``
+    defaults to the city's own; the image size and database headings are the city's.
+
+    Raises:
+        DatasetError: ``city_dir`` is not a complete city written by :func:`generate_city` (no
+            valid marker, or a folder of queries), ``seed`` equals the city's seed, an invalid
+            argument, or ``out`` is a non-empty folder this generator did not write.
+        geoloc.fileio.OutputError: one line on a full disk, a read-only file system or a permission error.
+    """
+    with translate_write_errors(Path(out)):
+        return _generate_queries(city_dir=Path(city_dir), out=Path(out), seed=seed, n_queries=n_queries, shift=shift,
+                                 progress=progress, workers=workers)
+
+
+def _generate_queries(*, city_dir: Path, out: Path, seed: int, n_queries: int, shift: str | None, progress: bool,
+                      workers: int) -> QueriesInfo:
+    t_start = time.perf_counter()
+    marker = read_marker(city_dir) if city_dir.is_dir() else None
+    params = marker.get("parameters") if marker else None
+    _check(isinstance(params, dict) and marker.get("complete") is True and "queries_of" not in params
+           and (city_dir / "city.json").is_file(),
+           f"{one_line(city_dir)}: not a complete city written by geoloc synth-city (no valid {MARKER} marker with "
+           "city.json); give the --out folder of a finished synth-city run")
+    _check(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**63,
+           f"seed must be a non-negative integer (got {seed!r})")
+    _check(int(seed) != int(params["seed"]),
+           f"seed {seed} is the city's own seed, which drew its test queries; choose another --seed for validation queries")
+    shift = params["shift"] if shift is None else shift
+    _check(shift in SHIFTS, f"shift must be one of {', '.join(SHIFTS)} (got {shift!r})")
+    _check(isinstance(n_queries, (int, np.integer)) and 1 <= n_queries <= 1_000_000,
+           f"n_queries must be an integer in [1, 1000000] (got {n_queries!r})")
+    _check(isinstance(workers, (int, np.integer)) and workers >= 1, f"workers must be >= 1 (got {workers!r})")
+    _check(out.resolve() != city_dir.resolve(), f"{one_line(out)}: is the city itself; choose another --out")
+    city = load_city(city_dir)
+    previous = _claim_folder(out)
+    pos = street_walk(city, float(params["spacing_m"]))
+    headings = int(params["headings"])
+    hdg = np.round((np.arange(headings) * (360.0 / headings)) % 360.0, 1)
+    avoid = _read_city_queries(city_dir, city)
+    q_shots, q_rows = _query_shots(city, pos, hdg, seed=int(seed), n_queries=int(n_queries), shift=shift,
+                                   avoid=avoid, pano="val")
+    own = {"queries_of": str(city_dir.resolve()), "city_seed": int(params["seed"]), "seed": int(seed),
+           "shift": shift, "n_queries": int(n_queries), "image_size": int(params["image_size"])}
+    planned = [sh.path for sh in q_shots] + ["queries.csv"]
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_own_files(out, previous)
+    _write_marker(out, params=own, files=planned, dirs=["queries"], complete=False)
+    (out / "queries").mkdir(parents=True, exist_ok=True)
+    _render_all(city, out, int(params["image_size"]), ([], q_shots), workers=int(workers), progress=progress)
+    _write_csv(out / "queries.csv", q_rows)
+    _write_marker(out, params=own, files=planned, dirs=["queries"], complete=True)
+    return QueriesInfo(out=out, city=city_dir, n_queries=len(q_shots), seed=int(seed), shift=shift,
+                       seconds=time.perf_counter() - t_start, queries_csv=out / "queries.csv")
 
 
 def contact_sheet(paths: list[str | Path], out_png: str | Path, cols: int = 8, thumb: int = 192) -> Path:
