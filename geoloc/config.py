@@ -246,6 +246,10 @@ class TrainConfig(_Section):
     """Augmented views per database image whose features join training (photometric + crop; extracted once, cached)."""
     select_fusion: bool = setting(True)
     """With --val-queries: choose query.fusion_weight on them at build time (stored in the bundle)."""
+    select_subcenters: str = setting("", Text(empty_ok=True, max_len=64, pattern=r"[0-9]{1,2}( *, *[0-9]{1,2})*",
+                                              pattern_doc="comma-separated numbers of sub-centres, e.g. 1,2,4"))
+    """Candidate K, e.g. '1,2,4': one head set is trained per K on the shared feature cache and the one with the
+    best validation LR@1 (--val-queries, else the held-out split) is kept; empty: head.subcenters."""
 
 
 @dataclass
@@ -294,6 +298,16 @@ class IndexConfig(_Section):
     shards: int = setting(1, Range(1, 65_536))
     """Geographic shards of the lists, each its own FAISS file (cells in key order: UTM zone, then easting
     strips, cut into runs of about equal vector counts); 1 = one index.faiss. Build time only."""
+    descriptor: str = setting("projected", Choice(("projected", "pooled", "second")))
+    """What the lists hold for retrieval: 'projected' (the classifier's descriptor), 'pooled' (the backbone's
+    pooled feature) or 'second' (a second backbone's pooled feature, index.second_backbone). Cells are always
+    scored by the classifier's prototypes. Build time only."""
+    second_backbone: str = setting("", Text(empty_ok=True))
+    """descriptor 'second': its backbone, named like backbone.name (a registered name or timm:<model_name>)."""
+    second_weights: str = setting("default", Text())
+    """descriptor 'second': 'default', 'random' or a local file path, as backbone.weights."""
+    second_image_size: int = setting(0, Range(0, 4096))
+    """descriptor 'second': square input side; 0 = that backbone's own default."""
     mmap: bool = setting(True, runtime=True)
     """Sharded indexes: open the shard files memory-mapped (an index larger than memory still answers);
     false reads them into RAM."""
