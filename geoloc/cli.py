@@ -221,6 +221,7 @@ def build_index_cmd(
     engine: Optional[str] = _cfg_opt("backbone.engine", "--engine", help="Extraction engine: local or ray."),
     ray_address: Optional[str] = _cfg_opt("backbone.ray_address", "--ray-address", help="Ray cluster: auto or HOST:PORT."),
     workers: Optional[int] = _cfg_opt("backbone.workers", "--workers", help="Ray workers (0 = one per CPU)."),
+    shards: Optional[int] = _cfg_opt("index.shards", "--shards", help="Geographic shards of the index, one FAISS file each."),
     val_queries: Optional[str] = typer.Option(None, "--val-queries",
                                               help="Geotagged validation queries (folder or CSV) that select the "
                                                    "training epoch and the hybrid fusion weight stored in the bundle."),
@@ -236,7 +237,7 @@ def build_index_cmd(
                                        "--min-images-per-cell": ("cells.min_images_per_cell", min_images),
                                        "--utm-zone": ("data.utm_zone", utm_zone), "--device": ("backbone.device", device),
                                        "--engine": ("backbone.engine", engine), "--ray-address": ("backbone.ray_address", ray_address),
-                                       "--workers": ("backbone.workers", workers)})
+                                       "--workers": ("backbone.workers", workers), "--shards": ("index.shards", shards)})
     _check_input(database, "--database")
     _check_out_dir(out_dir, "--out")
     if descriptors is not None:
