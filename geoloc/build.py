@@ -35,7 +35,8 @@ from geoloc.fileio import sha256_file
 from geoloc.finetune import finetune_backbone
 from geoloc.heads import classifier_state
 from geoloc.index import CellIndex
-from geoloc.train import TrainReport, Validation, select_fusion_weight, train_classifier
+from geoloc.train import (TrainReport, Validation, select_fusion_weight, subcenter_candidates, train_classifier,
+                          train_selecting_subcenters)
 
 
 @dataclass
@@ -83,7 +84,10 @@ def build_index(*, database: str | Path, out: str | Path, config: Config, progre
         raise ConfigError("train.finetune_blocks needs images and a backbone; it cannot be used with --descriptors")
     if descriptors is not None and val_queries is not None:
         raise ConfigError("--val-queries are images, but a --descriptors bundle has no backbone to embed them")
-    config = copy.deepcopy(config)  # the build may choose query.fusion_weight; the caller's config is left as it was
+    if val_queries is None and subcenter_candidates(config) and config.train.val_fraction <= 0:
+        raise ConfigError("train.select_subcenters needs validation: pass --val-queries DIR or set train.val_fraction "
+                          "above 0 (the held-out database split)")
+    config = copy.deepcopy(config)  # the build may choose query.fusion_weight and K; the caller's config is left as it was
     with build_lock(out):
         return _build(database=database, out=out, config=config, progress=progress, log=log, descriptors=descriptors,
                       val_queries=val_queries)
@@ -163,12 +167,22 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
         validation = Validation(features=vext.features, lat=vq.lat, lon=vq.lon)
         lap("extract-val")
 
-    model, train_report = train_classifier(features=ext.features, labels=labels, lat=good.lat, lon=good.lon,
-                                           table=table, config=config, checkpoint_dir=work / "train",
-                                           inputs_key=hashlib.sha256(ext.features.tobytes()).hexdigest(), log=log,
-                                           headings=good.heading, augmented=augmented, validation=validation)
-    lap("train")
+    train_args = dict(features=ext.features, labels=labels, lat=good.lat, lon=good.lon, table=table, log=log,
+                      inputs_key=hashlib.sha256(ext.features.tobytes()).hexdigest(), headings=good.heading,
+                      augmented=augmented, validation=validation)
     stats: dict = {}
+    candidates = subcenter_candidates(config)
+    if candidates:
+        model, train_report = train_selecting_subcenters(candidates=candidates, config=config,
+                                                         checkpoint_dir=work / "train", **train_args)
+        config.set("head.subcenters", train_report.subcenters, source="train.select_subcenters")  # stored with the bundle
+        stats["subcenters_selected"] = train_report.subcenters
+        stats["subcenters_val_lr@1"] = {str(k): v for k, v in train_report.subcenter_val_lr1.items()}
+        stats["subcenters_train_s"] = {str(k): round(v, 3) for k, v in train_report.subcenter_seconds.items()}
+        stats["subcenters_validation"] = train_report.validation
+    else:
+        model, train_report = train_classifier(config=config, checkpoint_dir=work / "train", **train_args)
+    lap("train")
     if validation is not None and config.train.select_fusion:
         q = config.query
         w, by_w = select_fusion_weight(model, table, db_features=ext.features, filed=filed, db_lat=good.lat,

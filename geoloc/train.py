@@ -22,6 +22,10 @@ After every epoch the loss and the validation LR@1 of the classifier (top cell c
 queries (or ``train.select_epoch`` on the held-out split) the epoch with the best validation
 LR@1 is kept (ties: the later one); otherwise the last epoch.
 
+``train.select_subcenters`` (e.g. ``'1,2,4'``) selects K the same way
+(:func:`train_selecting_subcenters`): one head set per candidate K on the same cached features,
+the one whose returned weights score the best validation LR@1 kept (ties: the smaller K).
+
 A checkpoint is written atomically after every epoch; a restarted run with the same inputs
 resumes from it and ends bit for bit where an uninterrupted run ends. The checkpoint key
 covers everything that changes the result: the features (and augmented features, headings,
@@ -32,6 +36,7 @@ resumed from (training starts over).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -127,6 +132,14 @@ class TrainReport:
     """The epoch whose weights were returned (the last one unless ``train.select_epoch``)."""
     validation: str = "holdout"
     """What val_lr@1 was measured on: 'queries' (validation queries) or 'holdout' (database split)."""
+    val_lr1: float = float("nan")
+    """Validation LR@1 of the returned weights (NaN without validation rows)."""
+    subcenters: int = 1
+    """K of the returned classifier."""
+    subcenter_val_lr1: dict[int, float] = field(default_factory=dict)
+    """With ``train.select_subcenters``: validation LR@1 of each candidate K (empty otherwise)."""
+    subcenter_seconds: dict[int, float] = field(default_factory=dict)
+    """With ``train.select_subcenters``: training seconds of each candidate K."""
 
 
 def split_holdout(labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +318,79 @@ def train_classifier(
         log(f"selected epoch {best_epoch} ({v_kind} LR@1 {best[1]:.3f})")
     model.eval()
     report = TrainReport(tc.epochs, start_epoch, len(train_rows), len(v_feats), history, time.perf_counter() - t0,
-                         best_epoch=best_epoch, validation=v_kind)
+                         best_epoch=best_epoch, validation=v_kind,
+                         val_lr1=holdout_lr1(model, table, v_feats, v_lat, v_lon, threshold_m=config.query.threshold_m),
+                         subcenters=recipe.subcenters)
+    return model, report
+
+
+def subcenter_candidates(config: Config) -> list[int]:
+    """The K values of ``train.select_subcenters`` (e.g. ``'1,2,4'`` -> ``[1, 2, 4]``, sorted, unique);
+    ``[]`` when the key is empty or absent (train ``head.subcenters`` only).
+
+    Raises:
+        ConfigError: a K outside 1..64 (the range of head.subcenters).
+    """
+    text = str(getattr(config.train, "select_subcenters", "") or "").strip()
+    if not text:
+        return []
+    try:
+        ks = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise ConfigError(f"train.select_subcenters = {text!r}: expected comma-separated numbers of sub-centres, "
+                          "e.g. 1,2,4; fix the config file or the --set override") from None
+    bad = [k for k in ks if not 1 <= k <= 64]
+    if bad:
+        raise ConfigError(f"train.select_subcenters = {text!r}: every K must lie in 1..64 like head.subcenters "
+                          f"(got {', '.join(map(str, bad))}); fix the config file or the --set override")
+    return ks
+
+
+def train_selecting_subcenters(*, candidates: Sequence[int], config: Config, checkpoint_dir: Path | None = None,
+                               log: Callable[[str], None] = lambda _msg: None,
+                               **train_args) -> tuple[CellClassifier, TrainReport]:
+    """:func:`train_classifier` once per K of ``candidates`` (same features, labels, validation) and
+    keep the classifier whose returned weights score the best validation LR@1 (the metric that
+    selects the epoch: the validation queries when given, else the held-out split); ties keep the
+    smaller K. Each K checkpoints in its own ``checkpoint_dir/subcenters-K`` folder, so a killed
+    selection resumes K by K.
+
+    ``train_args``: the other keyword arguments of :func:`train_classifier` (features, labels, lat,
+    lon, table, headings, augmented, validation, inputs_key).
+    Returns:
+        The chosen classifier and its report, whose ``subcenter_val_lr1`` maps every candidate K to
+        its validation LR@1 and ``subcenter_seconds`` to its training time; ``seconds`` is the total.
+
+    Raises:
+        ConfigError: no candidates, or no validation rows to select on (``train.val_fraction`` 0
+            and no validation queries).
+    """
+    ks = sorted({int(k) for k in candidates})
+    if not ks:
+        raise ConfigError("train.select_subcenters names no K; give e.g. 1,2,4 or leave it empty")
+    t0 = time.perf_counter()
+    scores: dict[int, float] = {}
+    seconds: dict[int, float] = {}
+    chosen: tuple[CellClassifier, TrainReport] | None = None
+    for k in ks:
+        cfg = copy.deepcopy(config)
+        cfg.set("head.subcenters", k, source="train.select_subcenters")
+        log(f"sub-centres K = {k}: training")
+        model, rep = train_classifier(config=cfg, log=log,
+                                      checkpoint_dir=None if checkpoint_dir is None else checkpoint_dir / f"subcenters-{k}",
+                                      **train_args)
+        if rep.n_val == 0:
+            raise ConfigError("train.select_subcenters needs validation rows: pass build-index --val-queries DIR or "
+                              "set train.val_fraction above 0")
+        scores[k], seconds[k] = rep.val_lr1, rep.seconds
+        log(f"sub-centres K = {k}: {rep.validation} LR@1 {rep.val_lr1:.3f} ({rep.seconds:.1f} s)")
+        if chosen is None or rep.val_lr1 > chosen[1].val_lr1:  # ties keep the smaller K
+            chosen = (model, rep)
+    model, report = chosen
+    report.subcenter_val_lr1, report.subcenter_seconds = scores, seconds
+    report.seconds = time.perf_counter() - t0
+    log(f"selected K = {report.subcenters} sub-centres ({report.validation} LR@1 by K: "
+        f"{', '.join(f'{k}: {v:.3f}' for k, v in scores.items())})")
     return model, report
 
 

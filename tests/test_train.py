@@ -16,7 +16,7 @@ from geoloc.geo import geodesic_m
 from geoloc.heads import MarginHead, build_classifier, heading_bins
 from geoloc.records import Records
 from geoloc.train import (Recipe, Validation, _GroupRows, lr_factor, select_fusion_weight, split_holdout,
-                          train_classifier)
+                          subcenter_candidates, train_classifier, train_selecting_subcenters)
 
 
 def _toy(n=800, dim=32, noise=0.8, seed=0):
@@ -260,3 +260,55 @@ def test_a_full_disk_while_checkpointing_is_one_output_error_line(tmp_path, monk
     msg = str(err.value)
     assert "\n" not in msg and "optimizer-0001.pt" in msg and "no space left" in msg.lower()
     assert not (tmp_path / "idx").exists()
+
+
+# -- K selected on validation (train.select_subcenters) ------------------------------------------------
+
+def test_subcenter_candidates_parse_and_refuse():
+    cfg = _cfg()
+    assert subcenter_candidates(cfg) == []
+    cfg.set("train.select_subcenters", "4, 1,2,4", source="t")
+    assert subcenter_candidates(cfg) == [1, 2, 4]
+    cfg.set("train.select_subcenters", "0,2", source="t")  # passes the config pattern, not the K range
+    with pytest.raises(ConfigError, match="1..64"):
+        subcenter_candidates(cfg)
+    with pytest.raises(ConfigError, match="comma-separated"):
+        cfg.set("train.select_subcenters", "two", source="--set")
+
+
+def test_subcenters_selected_on_validation_queries(tmp_path):
+    rec, table, labels, _, feats = _toy(n=600, noise=0.6)
+    rng = np.random.default_rng(5)
+    pick = rng.choice(len(feats), 80, replace=False)
+    q = feats[pick] + 0.3 * rng.normal(size=(80, feats.shape[1])).astype(np.float32)
+    val = Validation(features=q / np.linalg.norm(q, axis=1, keepdims=True), lat=rec.lat[pick], lon=rec.lon[pick])
+    cfg = _recipe_cfg(train__epochs=3)
+    args = dict(features=feats, labels=labels, lat=rec.lat, lon=rec.lon, table=table, headings=rec.heading,
+                validation=val)
+    model, rep = train_selecting_subcenters(candidates=[4, 1], config=cfg, checkpoint_dir=tmp_path, **args)
+    assert sorted(rep.subcenter_val_lr1) == [1, 4] and set(rep.subcenter_seconds) == {1, 4}
+    # each candidate's score is what training that K alone returns (same seed, same data)
+    for k in (1, 4):
+        alone = _recipe_cfg(train__epochs=3)
+        alone.head.subcenters = k
+        _, r = train_classifier(config=alone, **args)
+        assert rep.subcenter_val_lr1[k] == pytest.approx(r.val_lr1)
+    best = max(rep.subcenter_val_lr1.values())
+    assert rep.subcenters == min(k for k, v in rep.subcenter_val_lr1.items() if v == best)  # ties: smaller K
+    # the returned weights are the chosen K's, and their validation LR@1 is the recorded one
+    assert model.prototypes(table).shape[0] == rep.subcenters * len(table) and rep.validation == "queries"
+    top = model.cell_scores(model.embed(torch.from_numpy(val.features)), table).argmax(1).numpy()
+    assert (geodesic_m(val.lat, val.lon, table.lat[top], table.lon[top]) <= 25.0).mean() == pytest.approx(rep.val_lr1)
+    # heading-structured cells: 4 heading-seeded sub-centres beat one prototype here
+    assert rep.subcenter_val_lr1[4] > rep.subcenter_val_lr1[1] and rep.subcenters == 4
+    assert (tmp_path / "subcenters-1" / "train_state.json").is_file()
+    assert (tmp_path / "subcenters-4" / "train_state.json").is_file()
+    assert cfg.head.subcenters == 2  # the caller's config is left alone
+
+
+def test_subcenter_selection_needs_validation_rows():
+    rec, table, labels, _, feats = _toy(n=300)
+    cfg = _recipe_cfg(train__epochs=1, train__val_fraction=0.0)
+    with pytest.raises(ConfigError, match="val-queries"):
+        train_selecting_subcenters(candidates=[1, 2], config=cfg, features=feats, labels=labels, lat=rec.lat,
+                                   lon=rec.lon, table=table)
