@@ -9,7 +9,10 @@ Layout (see ``docs/architecture.md``)::
     cells.safetensors    the cell table (key, zone, south, p, q, centre, group, column, n_images)
     records.safetensors  database positions and the cell each row is filed under
     paths.json           database image paths, relative to the dataset root
-    index.faiss ...      the cell-partitioned FAISS index (geoloc.index.CellIndex.save)
+    index.faiss ...      the cell-partitioned FAISS index (geoloc.index.CellIndex.save); with
+                         index.shards > 1 also shard_cells.npy and shard-NNNN.faiss (one FAISS
+                         file per geographic shard, opened memory-mapped), named again under the
+                         manifest's "index_shards" and checksummed like every file
     skipped.json         images left out of the build, with the reason for each
     backbone.safetensors only when the backbone was fine-tuned (train.finetune_blocks > 0)
 
@@ -67,6 +70,7 @@ from geoloc.fileio import (OutputError, apply_umask, atomic_write_json, fsync_di
                            sha256_json, write_failure)
 from geoloc.geo import cell_key, cell_pq, split_cell_key
 from geoloc.index import CellIndex
+from geoloc.index.shards import SHARD_CELLS_FILE
 from geoloc.records import Records
 
 FORMAT_VERSION = 1
@@ -377,6 +381,10 @@ def write_bundle(
                 "files": {name: {"sha256": _sha256_path(tmp / name), "bytes": (tmp / name).stat().st_size}
                           for name in files},
             }
+            if index.shards is not None:  # geographic shards: every file is in "files" (checksummed) too
+                manifest["index_shards"] = {"count": index.n_shards,
+                                            "files": sorted(n for n in files if n.startswith("shard-")),
+                                            "table": SHARD_CELLS_FILE}
             manifest["manifest_sha256"] = sha256_json(manifest)
             current = out / MANIFEST
             atomic_write_json(tmp / MANIFEST, manifest)
@@ -655,6 +663,7 @@ def _pinned_root(path: Path, dfd: int) -> Path:
 
 def _read_pinned(path: Path, dfd: int, config: Config | None) -> Bundle:
     manifest = _parse_manifest(path, _read_manifest_bytes(path, dfd))
+    _check_shards_listed(path, manifest)
     held: dict[str, bytes] = {}
     for name, meta in manifest["files"].items():
         data = _verify_member(path, name, meta, dfd, keep=name in _IN_MEMORY)
@@ -696,6 +705,20 @@ def _read_pinned(path: Path, dfd: int, config: Config | None) -> Bundle:
     return bundle
 
 
+def _check_shards_listed(path: Path, manifest: dict[str, Any]) -> None:
+    """A sharded bundle's manifest names its shard files; each must be a checksummed file of the bundle."""
+    shards = manifest.get("index_shards")
+    if shards is None:
+        return
+    names = shards.get("files") if isinstance(shards, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) != shards.get("count"):
+        raise BundleError(f"{one_line(path / MANIFEST)}: index_shards is malformed; rebuild the bundle with geoloc build-index")
+    for name in [*names, shards.get("table")]:
+        if name not in manifest["files"]:
+            raise BundleError(f"{one_line(path / str(name))}: shard file named by the manifest is not among its "
+                              "checksummed files; rebuild the bundle with geoloc build-index")
+
+
 def _tensors(path: Path, name: str, held: dict[str, bytes]) -> dict[str, np.ndarray]:
     if name not in held:
         raise BundleError(f"{one_line(path / name)}: missing from the bundle; rebuild it with geoloc build-index")
@@ -713,6 +736,9 @@ def _check_relative(p: str, where: Path) -> None:
 
 def _index_ids(index: CellIndex, c: int) -> list[np.ndarray]:
     """Row ids stored in each of the ``c`` inverted lists (ids only: no vector copies where faiss allows)."""
+    shards = getattr(index, "shards", None)
+    if shards is not None:  # geographic shards: each cell's list lives in its shard (memory-mapped)
+        return [np.array(shards.list_view(cc)[0], np.int64) for cc in range(c)]
     ivf = getattr(index, "faiss_index", None)
     inv = getattr(ivf, "invlists", None)
     if inv is not None:

@@ -29,6 +29,7 @@ from geoloc.index.gpu import GpuMirror, gpu_available
 from geoloc.index.io import load_index, save_index
 from geoloc.index.result import SearchResult, SearchTimes
 from geoloc.index.retrieve import FlatView, ListScan, RefineStore
+from geoloc.index.shards import SHARD_CELLS_FILE, ShardSet, plan_shards
 from geoloc.index.scorers import (
     SCORERS,
     PrototypeCells,
@@ -50,12 +51,15 @@ class CellIndex:
     """Re-ranking store of compressed lists (``index.refine``), written beside ``index.faiss``."""
 
     def __init__(self, ivf: faiss.IndexIVF, *, neighbours: np.ndarray | None, config: IndexConfig,
-                 prototype_cells: np.ndarray | None = None, refine: RefineStore | None = None) -> None:
+                 prototype_cells: np.ndarray | None = None, refine: RefineStore | None = None,
+                 shards: ShardSet | None = None) -> None:
         self._ivf_owner = ivf  # the proxy that owns the C++ index (a downcast proxy does not)
         self._ivf = faiss.downcast_index(ivf)
         self._codec = L.codec_of(self._ivf)
+        self._shards = shards  # sharded: the lists live in the shards (geoloc.index.shards), ivf's are empty
         # plain ints: a SWIG attribute read costs microseconds per call, and nothing changes after build
-        self._n, self._c, self._d = int(self._ivf.ntotal), int(self._ivf.nlist), int(self._ivf.d)
+        n = shards.ntotal if shards is not None else int(self._ivf.ntotal)
+        self._n, self._c, self._d = n, int(self._ivf.nlist), int(self._ivf.d)
         self._refine = refine if self._codec != "flat" else None
         self._config = config
         self._neighbours = neighbours
@@ -66,7 +70,7 @@ class CellIndex:
         self._cells = PrototypeCells(prototype_cells, int(ivf.quantizer.ntotal))
         self._sizes: np.ndarray | None = None  # [C + 1] list sizes (+ a 0 for list -1), made at the first hybrid
         self._gpu: GpuMirror | None = None
-        if self._codec == "flat" and gpu_available(config):  # pragma: no cover - needs a GPU
+        if self._codec == "flat" and shards is None and gpu_available(config):  # pragma: no cover - needs a GPU
             self._gpu = GpuMirror(self._ivf, self._scorer, self._scorer.prototypes()[self._cells.table[:, 0]])
         self._scan = ListScan(self._ivf, int(config.retrieve_blas_min_batch))
         # GPU only: an exact copy in GPU memory (host RAM keeps the lists once)
@@ -76,7 +80,7 @@ class CellIndex:
     @classmethod
     def build(cls, *, descriptors: np.ndarray, cells: np.ndarray, prototypes: np.ndarray,
               prototype_cells: np.ndarray | None = None, neighbours: np.ndarray | None = None,
-              config: IndexConfig) -> CellIndex:
+              config: IndexConfig, cell_order: np.ndarray | None = None) -> CellIndex:
         """File every database descriptor under its cell and index the prototypes for scoring.
 
         Args:
@@ -87,7 +91,9 @@ class CellIndex:
                 needs one. None: ``P == C`` and row ``c`` is cell ``c``'s only prototype.
             neighbours: ``[C, 8]`` int64 ids of each cell's 8 surrounding cells (-1 = none), e.g.
                 :meth:`geoloc.cells.CellTable.neighbours`; needed for ``neighbours=True`` searches.
-            config: cell scorer choice and parameters, GPU use.
+            config: cell scorer choice and parameters, GPU use, ``shards``.
+            cell_order: ``[C]`` int64 geographic order of the cells that ``index.shards > 1`` cuts into
+                shards (:func:`geoloc.index.shards.plan_shards`); None = cell-id order (zone, easting, northing).
         Raises:
             ValueError: on wrong shapes, dtypes, un-normalised rows or cell ids out of range.
         """
@@ -105,12 +111,14 @@ class CellIndex:
         refine = None
         if codec != "flat" and config.refine != "none":
             refine = RefineStore.build(str(config.refine), descriptors)
-        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells, refine=refine)
+        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells, refine=refine,
+                   shards=cls._split(ivf, config, cell_order))
 
     @classmethod
     def build_chunked(cls, *, chunks: Iterable[tuple[np.ndarray, np.ndarray]], train_sample: np.ndarray,
                       prototypes: np.ndarray, prototype_cells: np.ndarray | None = None,
-                      neighbours: np.ndarray | None = None, config: IndexConfig) -> CellIndex:
+                      neighbours: np.ndarray | None = None, config: IndexConfig,
+                      cell_order: np.ndarray | None = None) -> CellIndex:
         """:meth:`build` from database chunks, so that the float32 database never has to be in memory
         at once (e.g. 10^7 rows with ``index.codec: sq8`` or ``pq``).
 
@@ -119,7 +127,7 @@ class CellIndex:
                 ids in the order given (the first chunk's rows are 0..n_0-1, and so on).
             train_sample: ``[S, D]`` float32 rows the sq8/pq encoders (and a sq8 refine store) are trained
                 on, e.g. a random sample of the database (ignored by the flat codec).
-            prototypes, prototype_cells, neighbours, config: as in :meth:`build`.
+            prototypes, prototype_cells, neighbours, config, cell_order: as in :meth:`build`.
         Equals :meth:`build` over the concatenated chunks when ``train_sample`` is the sample
         :meth:`build` draws (``geoloc.index.lists.training_sample``).
         """
@@ -147,7 +155,15 @@ class CellIndex:
                 store.add(x)
             n += len(x)
         return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells,
-                   refine=None if store is None else RefineStore(store))
+                   refine=None if store is None else RefineStore(store), shards=cls._split(ivf, config, cell_order))
+
+    @staticmethod
+    def _split(ivf: faiss.IndexIVF, config: IndexConfig, order: np.ndarray | None) -> ShardSet | None:
+        """``index.shards > 1``: move the filled lists of ``ivf`` into geographic shards."""
+        if int(getattr(config, "shards", 1)) <= 1:
+            return None
+        owner = plan_shards(L.list_sizes(ivf)[:-1], int(config.shards), order=order)
+        return ShardSet.split(ivf, owner, blas_min_batch=int(config.retrieve_blas_min_batch))
 
     @classmethod
     def load(cls, folder: Path, *, config: IndexConfig) -> CellIndex:
@@ -175,10 +191,15 @@ class CellIndex:
                 refine = RefineStore(faiss.read_index(str(rpath)))
             except (RuntimeError, MemoryError):
                 raise BundleError(f"{rpath}: re-ranking store is truncated or corrupt; rebuild the bundle") from None
-            if refine.index.ntotal != ivf.ntotal or refine.index.d != ivf.d:
+            if (refine.index.ntotal != ivf.ntotal and not (Path(folder) / SHARD_CELLS_FILE).exists()) or refine.index.d != ivf.d:
                 raise BundleError(f"{rpath}: holds {refine.index.ntotal} rows of {refine.index.d} dims but the lists hold "
                                   f"{ivf.ntotal} of {ivf.d}; rebuild the bundle")
-        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells, refine=refine)
+        shards = ShardSet.load(folder, main=faiss.downcast_index(ivf), blas_min_batch=int(config.retrieve_blas_min_batch),
+                               mmap=bool(getattr(config, "mmap", True)))
+        if shards is not None and refine is not None and refine.index.ntotal != shards.ntotal:
+            raise BundleError(f"{rpath}: holds {refine.index.ntotal} rows but the shards hold {shards.ntotal}; rebuild the bundle")
+        return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells, refine=refine,
+                   shards=shards)
 
     def tuned(self, **search_params: float) -> CellIndex:
         """This index with other per-call search parameters of its cell scorer (e.g.
@@ -200,7 +221,8 @@ class CellIndex:
         return twin
 
     def save(self, folder: Path) -> list[Path]:
-        """Write ``index.faiss`` (+ ``cell_neighbours.npy``, ``prototype_cells.npy`` when present).
+        """Write ``index.faiss`` (+ ``cell_neighbours.npy``, ``prototype_cells.npy`` when present; sharded:
+        + ``shard_cells.npy`` and ``shard-NNNN.faiss``, :mod:`geoloc.index.shards`).
 
         Returns the paths written. No pickle: ``faiss.write_index`` and ``np.save(allow_pickle=False)``.
         """
@@ -212,6 +234,10 @@ class CellIndex:
             written.append(rpath)
         elif rpath.exists():
             rpath.unlink()
+        if self._shards is not None:
+            written += self._shards.save(folder)
+        else:
+            ShardSet.remove_files(folder)
         return written
 
     # -- properties -----------------------------------------------------------------------
@@ -263,13 +289,35 @@ class CellIndex:
     @property
     def faiss_index(self) -> faiss.IndexIVF:
         """The CPU ``IndexIVFFlat`` (read-only use: do not set ``nprobe``; its quantizer holds the
-        P prototypes, so ``faiss_index.search`` is meaningless when P != C: use :meth:`search_lists`)."""
+        P prototypes, so ``faiss_index.search`` is meaningless when P != C: use :meth:`search_lists`).
+        Sharded: its lists are empty; the rows are in :attr:`shards`."""
         return self._ivf
+
+    @property
+    def shards(self) -> ShardSet | None:
+        """The geographic shards holding the lists (``index.shards > 1``), or None for one index."""
+        return self._shards
+
+    @property
+    def n_shards(self) -> int:
+        """Shards of the lists (1 when unsharded)."""
+        return 1 if self._shards is None else len(self._shards)
+
+    def shards_touched(self, lists: np.ndarray) -> np.ndarray:
+        """``[B]`` int64 shards searched for the lists ``[B, W]`` (a hybrid result's ``lists``); 1 per
+        query unsharded (retrieve, whose ``lists`` are ``[B, 0]``: every shard)."""
+        lists = np.asarray(lists, np.int64)
+        if lists.shape[1] == 0:
+            return np.full(len(lists), self.n_shards, np.int64)
+        if self._shards is None:
+            return (lists >= 0).any(axis=1).astype(np.int64)
+        return self._shards.shards_touched(lists)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held in host RAM: ``lists`` (codes + 8-byte ids), ``quantizer`` (the cell scorer),
         ``refine`` (re-ranking store, 0 without), ``flat_view`` (always 0: retrieve reads the lists;
-        the GPU path's exact copy lives in GPU memory)."""
+        the GPU path's exact copy lives in GPU memory). Memory-mapped shards' ``lists`` are file pages
+        the kernel caches and evicts, not process memory."""
         return {"lists": self.ntotal * (int(self._ivf.code_size) + 8), "quantizer": self._scorer.memory_bytes(),
                 "refine": 0 if self._refine is None else self._refine.nbytes(), "flat_view": 0}
 
@@ -281,10 +329,14 @@ class CellIndex:
     # -- contents -------------------------------------------------------------------------
     def cell_members(self, c: int) -> np.ndarray:
         """Row ids filed in cell ``c``; ``[n_c]`` int64."""
+        if self._shards is not None:
+            return self._shards.cell_members(c)
         return L.cell_members(self._ivf, c)
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All database vectors in row-id order: ``[N, D]`` float32 and ``[N]`` int64 cell of each row."""
+        if self._shards is not None:
+            return self._shards.all_vectors(self._d)
         return L.all_vectors(self._ivf)
 
     def prototypes(self) -> np.ndarray:
@@ -333,6 +385,8 @@ class CellIndex:
         """
         if lists.shape[1] > self.nlist:
             raise ValueError(f"lists has {lists.shape[1]} columns but the index holds only {self.nlist} cells")
+        if self._shards is not None:
+            return self._shards.search(np.ascontiguousarray(queries, dtype=np.float32), np.asarray(lists, np.int64), k)
         return L.search_preassigned(self._gpu.ivf if self._gpu is not None else self._ivf, queries, lists, k)
 
     def drop_flat_view(self) -> None:
@@ -385,14 +439,20 @@ class CellIndex:
         if self._flat is not None:  # pragma: no cover - needs a GPU
             scores, ids = self._flat.search(queries, k)
         elif self._refine is not None:
-            _, cand = self._scan.search(queries, self._refine_width(k))
+            _, cand = self._scan_all(queries, self._refine_width(k))
             scores, ids = self._refine.rerank(queries, cand, k)
         else:
-            scores, ids = self._scan.search(queries, k)
+            scores, ids = self._scan_all(queries, k)
         t2 = time.perf_counter()
         empty_i, empty_f = np.empty((b, 0), np.int64), np.empty((b, 0), np.float32)
         return SearchResult(empty_i, empty_f, ids, scores, empty_i, np.full(b, self.ntotal, np.int64),
                             SearchTimes(search_ms=(t2 - t1) * 1e3, prepare_ms=(t1 - t0) * 1e3))
+
+    def _scan_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over every row (the lists in place; every shard, merged): ``[B, k]`` scores and ids."""
+        if self._shards is not None:
+            return self._shards.retrieve(queries, k)
+        return self._scan.search(queries, k)
 
     def _hybrid(self, queries: np.ndarray, cs: np.ndarray, ci: np.ndarray, k: int, neighbours: bool,
                 weight: float, t0: float) -> SearchResult:
@@ -406,7 +466,9 @@ class CellIndex:
         t1 = time.perf_counter()
         index = self._gpu.ivf if self._gpu is not None else self._ivf
         kk = k if self._refine is None else self._refine_width(k)
-        if bonus is None:
+        if self._shards is not None:
+            scores, ids = self._shards.search(queries, lists, kk, bonus)
+        elif bonus is None:
             scores, ids = L.search_preassigned(index, queries, lists, kk)
         else:
             scores, ids = L.search_fused(index, queries, lists, bonus, kk)
@@ -441,8 +503,9 @@ class CellIndex:
         rc = getattr(self, "_row_cell_table", None)
         if rc is None:
             rc = np.empty(self.ntotal, np.int64)
+            view = self._shards.list_view if self._shards is not None else (lambda c: L.list_view(self._ivf, c))
             for c in range(self.nlist):
-                rc[L.list_view(self._ivf, c)[0]] = c
+                rc[view(c)[0]] = c
             self._row_cell_table = rc
         return rc
 
@@ -458,5 +521,6 @@ class CellIndex:
     def _scanned(self, lists: np.ndarray) -> np.ndarray:
         """``[B]`` int64 vectors in the searched lists ``[B, W]``."""
         if self._sizes is None:
-            self._sizes = L.list_sizes(self._ivf)  # idempotent: a race computes it twice
+            # idempotent: a race computes it twice
+            self._sizes = self._shards.list_sizes() if self._shards is not None else L.list_sizes(self._ivf)
         return self._sizes[lists].sum(axis=1)  # list -1 picks the trailing 0

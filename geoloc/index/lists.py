@@ -30,6 +30,7 @@ from faiss.contrib import inspect_tools, ivf_tools
 __all__ = [
     "CODECS",
     "add_rows",
+    "add_rows_ids",
     "all_vectors",
     "empty_ivf",
     "train_codec",
@@ -118,11 +119,16 @@ def train_codec(ivf: faiss.IndexIVF, sample: np.ndarray) -> None:
 
 def add_rows(ivf: faiss.IndexIVF, x: np.ndarray, cells: np.ndarray, first_id: int) -> None:
     """File rows ``x`` ``[n, D]`` under ``cells`` ``[n]`` with ids ``first_id .. first_id + n - 1``."""
+    add_rows_ids(ivf, x, cells, np.arange(first_id, first_id + len(x), dtype=np.int64))
+
+
+def add_rows_ids(ivf: faiss.IndexIVF, x: np.ndarray, cells: np.ndarray, ids: np.ndarray) -> None:
+    """File rows ``x`` ``[n, D]`` float32 under lists ``cells`` ``[n]`` int64 with stored ids ``ids`` ``[n]`` int64."""
     step = 1 << 18  # chunks: the encoders' temporaries stay small
     for i in range(0, len(x), step):
         # Keep ids in a named variable: add_preassigned passes a raw pointer, and a temporary
         # would be freed before FAISS copies it (the stored ids would be garbage).
-        row_ids = np.arange(first_id + i, first_id + min(i + step, len(x)), dtype=np.int64)
+        row_ids = np.ascontiguousarray(ids[i:i + step], dtype=np.int64)
         ivf_tools.add_preassigned(ivf, np.ascontiguousarray(x[i:i + step], dtype=np.float32),
                                   np.ascontiguousarray(cells[i:i + step], dtype=np.int64), row_ids)
 
