@@ -22,7 +22,7 @@ import numpy as np
 from geoloc.backbones import Backbone, create_backbone
 from geoloc.bundle import Bundle, check_backbone, read_bundle
 from geoloc.config import MODES, Config
-from geoloc.encoder import EXTERNAL, Encoder
+from geoloc.encoder import EXTERNAL, DescriptorLayout, Encoder, second_backbone_config
 from geoloc.errors import BundleError, ConfigError, ImageError
 from geoloc.timings import StageTimes
 
@@ -97,15 +97,24 @@ class QueryOptions:
 class Localizer:
     """A verified bundle and the backbone it was built with. Thread-safe for queries."""
 
-    def __init__(self, bundle: Bundle, backbone: Backbone | None) -> None:
-        """``backbone`` None only for a bundle built from descriptors computed elsewhere."""
+    def __init__(self, bundle: Bundle, backbone: Backbone | None, second_backbone: Backbone | None = None) -> None:
+        """``backbone`` None only for a bundle built from descriptors computed elsewhere;
+        ``second_backbone``: the retrieval backbone of a bundle built with ``index.descriptor: second``."""
         if backbone is not None:
             check_backbone(bundle.manifest, backbone.describe(), where=bundle.path)
         elif bundle.manifest["backbone"]["name"] != EXTERNAL:
             raise BundleError(f"{bundle.path}: a Localizer needs the bundle's backbone")
+        self.layout = DescriptorLayout.from_manifest(bundle.manifest, where=bundle.path)
+        if self.layout.kind == "second":
+            if second_backbone is None:
+                raise BundleError(f"{bundle.path}: retrieves with a second backbone's descriptor; a Localizer needs it")
+            check_backbone({"backbone": bundle.manifest["stats"]["descriptor"].get("second_backbone", {})},
+                           second_backbone.describe(), where=bundle.path)
+        else:
+            second_backbone = None
         self.bundle = bundle
         self.config = bundle.config
-        self.encoder = Encoder(backbone, bundle.projection)
+        self.encoder = Encoder(backbone, bundle.projection, layout=self.layout, second=second_backbone)
 
     @property
     def backbone(self) -> Backbone | None:
@@ -126,7 +135,11 @@ class Localizer:
             backbone = create_backbone(bundle.config.backbone, device=device)
             if bundle.backbone_state is not None:
                 backbone.load_tuned(bundle.backbone_state)
-        return cls(bundle, backbone)
+        second = None
+        if DescriptorLayout.from_manifest(bundle.manifest, where=path).kind == "second":
+            stored = Config.from_dict(bundle.manifest["config"], source=str(path))  # the build's, not a query-time override
+            second = create_backbone(second_backbone_config(bundle.config.backbone, stored.index), device=device)
+        return cls(bundle, backbone, second)
 
     # -- queries --------------------------------------------------------------------------------
     def localize(self, images: Sequence[str | Path], *, batch_size: int | None = None,
@@ -178,6 +191,9 @@ class Localizer:
         opts = options or QueryOptions.from_config(self.config, **kw)
         res = self.bundle.index.search(desc, mode=opts.mode, top_cells=opts.top_cells, k=opts.top_matches,
                                        neighbours=opts.neighbours, fusion_weight=opts.fusion_weight)
+        if self.layout.split:  # index scores of [u, v] / sqrt(2) queries -> cosines (geoloc.encoder.DescriptorLayout)
+            res.cell_scores = res.cell_scores * np.float32(self.layout.score_scale)
+            res.scores = res.scores * np.float32(self.layout.score_scale)
         b = len(desc)
         times = StageTimes(heads=res.times.cells_ms, search=res.times.search_ms).scaled(1 / max(b, 1))
         names = list(images) if images is not None else [f"#{i}" for i in range(b)]
