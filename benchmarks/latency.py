@@ -13,8 +13,9 @@ Data (``--data``): ``hard`` = isotropic noise plus a few structured directions m
 cosines (:func:`geoloc.bench.synthetic.make_cell_data`); ``realistic`` = the eigen-spectra of cell
 centres and within-cell offsets, heading clusters and cell sizes of a real set
 (:mod:`geoloc.bench.realistic`). Both are calibrated on a real bundle with ``--bundle``, whose own
-vectors are benchmarked too (side by side with a realistic synthetic set of the same size:
-``side_by_side`` in the JSON), and whole engine queries on its images timed.
+vectors are benchmarked too with its real queries (side by side with a realistic synthetic set of
+the same size: ``side_by_side`` in the JSON; :mod:`geoloc.bench.calibration`, and
+``benchmarks/calibration.py`` for the full comparison), and whole engine queries on its images timed.
 """
 
 from __future__ import annotations
@@ -29,12 +30,19 @@ import faiss
 import numpy as np
 
 from geoloc.bench import report
-from geoloc.bench.realistic import calibrate, default_calibration, make_realistic_data
-from geoloc.bench.realistic import summary as realistic_summary
+from geoloc.bench.calibration import bundle_twin_data
 from geoloc.bench.endtoend import backbone_ms_per_query, end_to_end, gpu_rows
+from geoloc.bench.realistic import default_calibration, make_realistic_data
+from geoloc.bench.realistic import summary as realistic_summary
 from geoloc.bench.rows import NCPU, RowLog, engine_rows, hnsw_rows, ivf_rows, log
-from geoloc.bench.synthetic import (DEFAULT_INTER_COS, DEFAULT_INTRA_COS, DEFAULT_MEAN_CELL_SIZE, CellData,
-                                    bundle_cell_data, make_cell_data, perturbed_queries)
+from geoloc.bench.synthetic import (
+    DEFAULT_INTER_COS,
+    DEFAULT_INTRA_COS,
+    DEFAULT_MEAN_CELL_SIZE,
+    CellData,
+    make_cell_data,
+    measure_cosines,
+)
 from geoloc.bench.timing import cpu_model, measure_bandwidth
 
 
@@ -96,20 +104,24 @@ def main(argv: list[str] | None = None) -> int:
 
     intra, inter, mean_cell = DEFAULT_INTRA_COS, DEFAULT_INTER_COS, DEFAULT_MEAN_CELL_SIZE
     calibration, bundle = "defaults (no --bundle)", None
-    if args.bundle:
-        bundle, intra, inter = bundle_cell_data(args.bundle, nq)
+    twin = None
+    if args.bundle:  # real queries (the bundle's query photos, else a held-out tenth), calibration, twin
+        bundle, twin, calib, qinfo = bundle_twin_data(args.bundle, cache=args.out.with_suffix(".queries.npz"))
+        intra, inter = measure_cosines(bundle.xb, bundle.cells)
         mean_cell = len(bundle.xb) / len(bundle.prototypes)
-        calibration = f"measured on {args.bundle}"
+        calibration = f"measured on {args.bundle}; queries: {qinfo['query_source']}"
     log(f"generator: intra-cell cos {intra:.3f}, inter-cell cos {inter:.3f}, mean cell {mean_cell:.1f} ({calibration})")
-    gen = dict(nq=nq, intra=intra, inter=inter, mean_cell=mean_cell)
+    gen = {"nq": nq, "intra": intra, "inter": inter, "mean_cell": mean_cell}
 
-    calib = calibrate(bundle.xb, bundle.cells) if bundle is not None else default_calibration(args.dim)
+    if bundle is None:
+        calib = default_calibration(args.dim)
+    query_noise = float(calib.get("query_noise", 1.5))
     if "realistic" in args.data or bundle is not None:
         log(f"realistic generator: {json.dumps(realistic_summary(calib))}")
 
     def generate(kind: str, n: int) -> CellData:
         if kind == "realistic":
-            return make_realistic_data(n, calib, nq=nq, seed=n)
+            return make_realistic_data(n, calib, nq=nq, query_noise=query_noise, seed=n)
         return make_cell_data(n, args.dim, seed=n, **gen)
 
     t0 = time.perf_counter()
@@ -124,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e, side = None, None
     if bundle is not None:
         rows += rows_for(bundle, "bundle", args, bandwidth=bw, backbone_ms=backbone_ms, kind="bundle")
-        log("side by side: a realistic synthetic set of the bundle's size, calibrated on it")
-        twin = make_realistic_data(len(bundle.xb), calib, nq=nq, seed=7)
-        twin.xq = perturbed_queries(twin.xb, nq, intra)  # the bundle's query model, so that like meets like
+        log("side by side: a realistic synthetic set of the bundle's size, calibrated on it (its own query model)")
         twin_rows = rows_for(twin, "synthetic", args, bandwidth=bw, backbone_ms=backbone_ms, kind="realistic-twin")
         rows += twin_rows
         side = report.side_by_side([r for r in rows if r["source"] == "bundle"], twin_rows)
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__,
         "faiss_compile": faiss.get_compile_options(), "gpu": gpu_note,
         "bandwidth": bwinfo, "calibration": calibration, "intra_cos": intra, "inter_cos": inter, "mean_cell_size": mean_cell,
-        "data": args.data, "realistic_calibration": realistic_summary(calib),
+        "data": args.data, "realistic_calibration": realistic_summary(calib), "realistic_query_noise": query_noise,
         "recall_definition": "share of queries whose exact (flat inner-product) top-1 is among the row's top-10; "
                              "classify: exact top-1's cell is the predicted top cell",
         "timing": "median over queries after 3 warm-up calls; perf_counter (CPU) / CUDA events (GPU); "

@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from geoloc.bench import report
+from geoloc.bench.realistic import (
+    calibrate,
+    default_calibration,
+    effective_dims,
+    make_realistic_data,
+)
 from geoloc.bench.rows import RowLog, engine_rows, hnsw_rows, ivf_rows
-from geoloc.bench.realistic import calibrate, default_calibration, effective_dims, make_realistic_data
 from geoloc.bench.synthetic import make_cell_data, make_prototype_data, measure_cosines
 from geoloc.bench.timing import recall_at, time_search
 
@@ -100,3 +105,30 @@ def test_chunked_generator_is_deterministic_and_consistent():
     segment_sum(ref, cells, xb)
     np.testing.assert_allclose(protos, normalise(ref), atol=1e-5)
     assert np.allclose(np.linalg.norm(xq, axis=1), 1, atol=1e-5)
+
+
+def test_realistic_adjacency_and_query_noise_calibration():
+    """Adjacent-cell centre correlation and the query noise are measured and reproduced."""
+    from geoloc.bench.realistic import fit_query_noise
+    c0 = default_calibration(32, seed=4)
+    plain = make_realistic_data(12000, c0, nq=8, seed=5)
+    c0["centre_adjacent_cos"] = 0.3
+    corr = make_realistic_data(12000, c0, nq=8, seed=5)
+    a_plain = calibrate(plain.xb, plain.cells, neighbours=plain.neighbours)["centre_adjacent_cos"]
+    a_corr = calibrate(corr.xb, corr.cells, neighbours=corr.neighbours)["centre_adjacent_cos"]
+    assert a_plain < 0.08 and a_corr > a_plain + 0.12
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((50, 16)).astype(np.float32)
+    cells = np.repeat(np.arange(50), 40)
+    xb = centres[cells] + 0.3 * rng.standard_normal((2000, 16)).astype(np.float32)
+    qc = rng.integers(0, 50, 400)
+    xq = centres[qc] + 0.3 * np.sqrt(1.5) * rng.standard_normal((400, 16)).astype(np.float32)
+    assert abs(fit_query_noise({"heading_share": 0.0}, xb, cells, xq, qc) - 1.5) < 0.15
+
+
+def test_query_stats_on_a_generated_set():
+    from geoloc.bench.calibration import query_stats
+    data = make_realistic_data(3000, default_calibration(24, seed=1), nq=50, seed=3)
+    s = query_stats(data, ks=(1, 5), db_rows=200)
+    assert 0 <= s["nn_cell_in_top_1"] <= s["nn_cell_in_top_5"] <= s["nn_cell_in_top_5_ring"] <= 1
+    assert 0 <= s["db_nn_same_cell"] <= s["db_nn_in_ring"] <= 1 and s["queries"] == 50

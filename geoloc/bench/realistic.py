@@ -10,8 +10,11 @@ eigenvectors, the share of within-cell variance explained by heading clusters (k
 :func:`geoloc.bench.synthetic.make_cell_data`, the ``hard`` generator): centre = global mean +
 Gaussian with the centre spectrum; each cell has ``HEADINGS`` heading offsets and every member
 adds a residual offset, both Gaussian with the offset spectrum split by the heading share;
-rows are L2-normalised. Queries are new members of random cells/headings with ``query_noise``
-times the residual variance. Without a real set, :data:`DEFAULT_CALIBRATION`-style power-law spectra
+rows are L2-normalised. Cell centres of grid neighbours are correlated (``centre_adjacent_cos``,
+the mean cosine of adjacent real cells' centred centres: a street looks alike over a few cells).
+Queries are new members of random cells/headings with ``query_noise`` times the residual
+variance; :func:`fit_query_noise` measures it on real queries whose true cells are known (the
+demo bundle's 500 query photos give 1.33; ``benchmarks/calibration.py``). Without a real set, :data:`DEFAULT_CALIBRATION`-style power-law spectra
 ("far fewer effective dimensions" than isotropic noise) are used.
 """
 
@@ -19,10 +22,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from geoloc.bench.synthetic import DEFAULT_MEAN_CELL_SIZE, HEADINGS, CellData, cells_of_sizes, normalise
+from geoloc.bench.synthetic import (
+    DEFAULT_MEAN_CELL_SIZE,
+    HEADINGS,
+    CellData,
+    cells_of_sizes,
+    normalise,
+)
 from geoloc.cells import neighbour_table
 
-__all__ = ["calibrate", "default_calibration", "effective_dims", "make_realistic_data", "summary"]
+__all__ = ["calibrate", "default_calibration", "effective_dims", "fit_query_noise", "make_realistic_data", "summary"]
 
 
 def effective_dims(spectrum: np.ndarray) -> float:
@@ -58,8 +67,14 @@ def _eig(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(w[order], 0).astype(np.float32), v[:, order].astype(np.float32)
 
 
-def calibrate(xb: np.ndarray, cells: np.ndarray, *, seed: int = 0, max_rows: int = 200_000) -> dict:
+def calibrate(xb: np.ndarray, cells: np.ndarray, *, headings: np.ndarray | None = None,
+              neighbours: np.ndarray | None = None, seed: int = 0, max_rows: int = 200_000) -> dict:
     """Second-order statistics of descriptors ``xb`` ``[N, D]`` (L2-normalised) filed in ``cells`` ``[N]``.
+
+    ``headings`` ``[N]`` (degrees; None: unknown): the heading share is then measured on the
+    4 heading quadrants themselves instead of by k-means. ``neighbours`` ``[C, 8]`` (cell ids,
+    -1 = none): the mean cosine of adjacent cells' centred centres is measured
+    (``centre_adjacent_cos``; 0 without).
 
     Returns the dict :func:`make_realistic_data` takes (arrays: ``mean`` ``[D]``, spectra ``[D]``,
     bases ``[D, D]``), plus ``effective_dims_centres`` / ``effective_dims_offsets``.
@@ -70,6 +85,7 @@ def calibrate(xb: np.ndarray, cells: np.ndarray, *, seed: int = 0, max_rows: int
     if len(xb) > max_rows:
         keep = np.sort(rng.choice(len(xb), max_rows, replace=False))
         xb, cells = xb[keep], cells[keep]
+        headings = None if headings is None else np.asarray(headings)[keep]
     d = xb.shape[1]
     uniq, inv, sizes = np.unique(cells, return_inverse=True, return_counts=True)
     sums = np.zeros((len(uniq), d), np.float64)
@@ -95,12 +111,35 @@ def calibrate(xb: np.ndarray, cells: np.ndarray, *, seed: int = 0, max_rows: int
     mean_n = float(sizes[big].mean()) if big.size else 1.0
     noise_share = min(0.9, HEADINGS / mean_n * 1.5)
     share = float(np.clip((share - noise_share) / max(1e-6, 1 - noise_share), 0.0, 0.9))
+    if headings is not None:  # the quadrant each photo looks along: groups (cell, quadrant)
+        quad = np.rint(np.asarray(headings, np.float64) / (360 / HEADINGS)).astype(np.int64) % HEADINGS
+        g = inv * HEADINGS + quad
+        gm = np.zeros((len(uniq) * HEADINGS, d), np.float64)
+        np.add.at(gm, g, offsets)
+        gc = np.bincount(g, minlength=len(gm))
+        gm[gc > 0] /= gc[gc > 0, None]
+        raw = float((gm[g] ** 2).sum() / max(1e-30, float((offsets.astype(np.float64) ** 2).sum())))
+        n_g = float(gc[g].mean())  # a group mean of n noise rows keeps 1/n of their variance
+        share = float(np.clip((raw - 1 / n_g) / max(1e-6, 1 - 1 / n_g), 0.0, 0.9))
+    adj = 0.0
+    if neighbours is not None:
+        pos = np.full(int(max(cells.max(), np.max(neighbours))) + 1, -1, np.int64)
+        pos[uniq] = np.arange(len(uniq))
+        cc = centres - mean
+        cc /= np.maximum(np.linalg.norm(cc, axis=1, keepdims=True), 1e-12)
+        nb = np.asarray(neighbours)[uniq]
+        a = np.repeat(np.arange(len(uniq)), nb.shape[1])
+        b = np.where(nb.reshape(-1) >= 0, pos[np.maximum(nb.reshape(-1), 0)], -1)
+        ok = b >= 0
+        if ok.any():
+            adj = float(np.clip(np.einsum("ij,ij->i", cc[a[ok]], cc[b[ok]]).mean(), 0.0, 0.37))
     ls = np.log(sizes.astype(np.float64))
     return {
         "dim": d, "mean": mean.astype(np.float32), "centre_spectrum": c_spec, "centre_basis": c_basis,
         "offset_spectrum": o_spec, "offset_basis": o_basis, "heading_share": share,
         "size_log_mu": float(ls.mean()), "size_log_sigma": float(ls.std()), "size_min": int(sizes.min()),
         "size_max": int(sizes.max()), "source": f"calibrated on {len(xb)} rows in {len(uniq)} cells",
+        "centre_adjacent_cos": adj,
         "effective_dims_centres": effective_dims(c_spec), "effective_dims_offsets": effective_dims(o_spec),
     }
 
@@ -112,7 +151,43 @@ def summary(calib: dict) -> dict:
             "effective_dims_centres": effective_dims(calib["centre_spectrum"]),
             "effective_dims_offsets": effective_dims(calib["offset_spectrum"]), "heading_share": calib["heading_share"],
             "size_log_mu": calib["size_log_mu"], "size_log_sigma": calib["size_log_sigma"],
-            "size_min": calib["size_min"], "size_max": calib["size_max"]}
+            "size_min": calib["size_min"], "size_max": calib["size_max"],
+            "centre_adjacent_cos": float(calib.get("centre_adjacent_cos", 0.0))}
+
+
+def fit_query_noise(calib: dict, xb: np.ndarray, cells: np.ndarray, xq: np.ndarray, query_cells: np.ndarray) -> float:
+    """The ``query_noise`` of :func:`make_realistic_data` that real queries show.
+
+    Args:
+        calib: :func:`calibrate` of ``xb``/``cells`` (its heading share is used).
+        xb: ``[N, D]`` float32 database rows; cells: ``[N]`` int64 their cells.
+        xq: ``[Q, D]`` float32 real query descriptors; query_cells: ``[Q]`` int64 the cell each
+            query was really taken in (e.g. that of its geographically nearest database photo).
+    Returns:
+        ``qn`` such that a query's offset from its cell's centre has ``h + qn (1 - h)`` times the
+        variance of a database row's offset (``h``: heading share): queries are new photos of a
+        database place, with their own residual.
+    """
+    xb, xq = np.asarray(xb, np.float32), np.asarray(xq, np.float32)
+    cells, query_cells = np.asarray(cells, np.int64), np.asarray(query_cells, np.int64)
+    c = int(max(cells.max(), query_cells.max())) + 1
+    sums = np.zeros((c, xb.shape[1]), np.float64)
+    np.add.at(sums, cells, xb)
+    cnt = np.bincount(cells, minlength=c)
+    centres = sums / np.maximum(cnt, 1)[:, None]
+    ratio = float(((xq - centres[query_cells]) ** 2).sum(1).mean() / max(1e-30, ((xb - centres[cells]) ** 2).sum(1).mean()))
+    h = float(calib.get("heading_share", 0.0))
+    return max(0.0, (ratio - h) / max(1e-6, 1 - h))
+
+
+def _grid_smoothing(rho: float) -> float:
+    """Weight ``b`` of the 8 grid neighbours' latents in ``z_c + b sum z_n`` (then rescaled) whose
+    mean correlation between adjacent cells is ``rho``: ``(2b + 3b^2) / (1 + 8b^2) = rho`` (< 3/8)."""
+    rho = float(np.clip(rho, 0.0, 0.37))
+    if rho <= 0:
+        return 0.0
+    a, b_, c = 3 - 8 * rho, 2.0, -rho  # 2b + 3b^2 = rho + 8 rho b^2
+    return float((-b_ + np.sqrt(b_ * b_ - 4 * a * c)) / (2 * a))
 
 
 def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.5, seed: int = 0) -> CellData:
@@ -136,7 +211,19 @@ def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.
     def gauss(k: int, m: np.ndarray) -> np.ndarray:
         return rng.standard_normal((k, d), dtype=np.float32) @ m
 
-    centre = mean + gauss(c, c_map)  # [C, D]
+    side = int(np.ceil(np.sqrt(c)))
+    p, q = np.arange(c) // side, np.arange(c) % side
+    nb = neighbour_table(np.full(c, 33), np.zeros(c, bool), p, q)
+    latent = gauss(c, c_map)  # [C, D]
+    beta = _grid_smoothing(calib.get("centre_adjacent_cos", 0.0))
+    if beta > 0:  # neighbours share latents: adjacent centres correlate as measured (border cells: fewer)
+        ring = np.where(nb >= 0, nb, c)
+        padded = np.concatenate([latent, np.zeros((1, d), np.float32)])
+        smooth = latent.copy()
+        for j in range(nb.shape[1]):
+            smooth += np.float32(beta) * padded[ring[:, j]]
+        latent = smooth / np.float32(np.sqrt(1 + 8 * beta * beta))
+    centre = mean + latent
     head_off = gauss(c * HEADINGS, h_map).reshape(c, HEADINGS, d)
     heads = rng.integers(0, HEADINGS, size=n)
     xb = np.empty((n, d), np.float32)
@@ -151,8 +238,5 @@ def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.
     src = rng.integers(0, n, size=nq)
     qc, qh = cells[src], heads[src]
     xq = normalise(centre[qc] + head_off[qc, qh] + np.float32(np.sqrt(query_noise)) * gauss(nq, r_map))
-    side = int(np.ceil(np.sqrt(c)))
-    p, q = np.arange(c) // side, np.arange(c) % side
-    nb = neighbour_table(np.full(c, 33), np.zeros(c, bool), p, q)
     return CellData(xb, cells, protos, nb, xq, {"generator": "realistic", **summary(calib), "n_cells": c,
                                                 "query_noise": query_noise})
