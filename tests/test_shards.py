@@ -22,6 +22,15 @@ from geoloc.index.shards import SHARD_CELLS_FILE, ShardSet, plan_shards, shard_f
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One FAISS thread: OpenMP spinning on a shared 2-core machine makes PQ training 10x slower."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data():
     return make_cell_data(12000, 32, nq=24)
@@ -55,7 +64,7 @@ def _same(a, b) -> None:
 
 @pytest.mark.parametrize("codec,refine", [("flat", "none"), ("pq", "none"), ("sq8", "flat")])
 def test_sharded_answers_equal_unsharded_in_every_mode(data, tmp_path, codec, refine):
-    kw = dict(codec=codec, refine=refine, pq_m=8 if codec == "pq" else 0)
+    kw = dict(codec=codec, refine=refine, pq_m=4 if codec == "pq" else 0)
     one = _build(data, **kw)
     built = _build(data, shards=4, **kw)
     assert built.n_shards == 4 and built.ntotal == one.ntotal and built.faiss_index.ntotal == 0
@@ -216,3 +225,18 @@ def test_serve_answers_from_a_sharded_bundle(bundles):
     assert got["candidate_ids"] == want["candidate_ids"] and got["match"] == want["match"]
     assert got["candidate_scores"] == pytest.approx(want["candidate_scores"], abs=1e-6)
 
+
+
+def test_scale_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scale
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "scale.json"
+    assert scale.main(["--size", "20000", "--dim", "32", "--shards", "4", "--codec", "sq8", "--queries", "16", "--workers", "1",
+                       "--no-ray", "--budget", "0.2", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["size"] == 20000 and rep["shards"] == 4 and rep["disk_bytes"] > 0
+    assert rep["equal_to_in_memory"] is True and rep["latency_ms"]["warm"]["hybrid"] > 0
+    assert "extrapolation" in rep and rep["extrapolation"]["label"].startswith("EXTRAPOLATION")

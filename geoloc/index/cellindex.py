@@ -303,6 +303,24 @@ class CellIndex:
         """Shards of the lists (1 when unsharded)."""
         return 1 if self._shards is None else len(self._shards)
 
+    def reopen_shards(self, *, drop_cache: bool = False) -> None:
+        """Close the memory-mapped shard files and open them again (not while searches run).
+
+        ``drop_cache``: between the two, ask the kernel to drop the files' cached pages
+        (``POSIX_FADV_DONTNEED``; a page still mapped cannot be dropped, hence the close), so the
+        next searches read from disk: a cold-cache measurement. No-op for an unsharded index.
+        """
+        if self._shards is None or not self._shards.paths:
+            return
+        folder = self._shards.paths[0].parent
+        paths = list(self._shards.paths)
+        self._shards = None  # the last reference: the old mappings are unmapped here
+        if drop_cache:
+            ShardSet.drop_pages(paths)
+        self._shards = ShardSet.load(folder, main=self._ivf, blas_min_batch=int(self._config.retrieve_blas_min_batch),
+                                     mmap=True)
+        self._sizes = None
+
     def shards_touched(self, lists: np.ndarray) -> np.ndarray:
         """``[B]`` int64 shards searched for the lists ``[B, W]`` (a hybrid result's ``lists``); 1 per
         query unsharded (retrieve, whose ``lists`` are ``[B, 0]``: every shard)."""

@@ -32,6 +32,7 @@ Shards can be built independently (:func:`empty_shard` + :func:`geoloc.index.lis
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import faiss
@@ -48,6 +49,7 @@ __all__ = [
     "plan_shards",
     "read_shard",
     "save_sharded",
+    "save_sharded_main",
     "shard_file",
     "write_shard",
 ]
@@ -141,6 +143,38 @@ def save_sharded(folder: Path, owner: np.ndarray) -> Path:
     path = Path(folder) / SHARD_CELLS_FILE
     np.save(path, np.ascontiguousarray(owner, dtype=np.int64), allow_pickle=False)
     return path
+
+
+def save_sharded_main(folder: Path, *, quantizer: faiss.Index, template: faiss.IndexIVF, owner: np.ndarray,
+                      neighbours: np.ndarray | None, prototype_cells: np.ndarray | None = None) -> list[Path]:
+    """Write the non-shard files of a sharded index whose shards were built and written one by one
+    (:func:`empty_shard`, :func:`write_shard` as ``shard_file(s)``, e.g. one task each).
+
+    Args:
+        quantizer: the cell scorer's FAISS index over the ``P`` prototypes (e.g.
+            ``SCORERS[name].make(prototypes, config)``); the written IVF owns it from now on.
+        template: an IVF with the trained codec the shards were encoded with.
+        owner: ``[C]`` int64 shard of each cell. neighbours: ``[C, 8]`` int64 or None.
+        prototype_cells: ``[P]`` int64 or None (``P == C``).
+    Returns:
+        The paths written (``index.faiss``, ``shard_cells.npy``, ...); load with
+        :meth:`geoloc.index.CellIndex.load`.
+    """
+    from geoloc.index.io import save_index
+
+    template = faiss.downcast_index(template)
+    codec = L.codec_of(template)
+    owner = np.asarray(owner, dtype=np.int64)
+    main = L.empty_ivf(quantizer, int(template.d), len(owner), codec=codec,
+                       pq_m=int(template.pq.M) if codec == "pq" else 0)
+    if codec == "sq8":
+        main.sq = template.sq
+    elif codec == "pq":
+        main.pq = template.pq
+    main.is_trained = True
+    written = save_index(folder, main, neighbours=neighbours, prototype_cells=prototype_cells)
+    written.append(save_sharded(folder, owner))
+    return written
 
 
 def _remove_stale(folder: Path, keep: int) -> None:
@@ -360,6 +394,8 @@ class ShardSet:
             :func:`geoloc.index.lists.search_preassigned` / :func:`~geoloc.index.lists.search_fused`
             return on the unsharded index.
         """
+        if len(lists) == 1:
+            return self._search_one(queries, lists[0], k, None if bonus is None else bonus[0])
         parts = []
         for s, rows, local, ex in self.route(lists, bonus):
             q = queries if rows is None else queries[rows]
@@ -370,19 +406,47 @@ class ShardSet:
             parts.append((rows, sc, ids))
         return _merge(parts, len(queries), k)
 
+    def _search_one(self, query: np.ndarray, lists: np.ndarray, k: int,
+                    bonus: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` of one query (``[1, D]``; lists and bonus ``[W]``): the engine's call, with
+        microseconds of routing (a query usually touches one to three shards)."""
+        own = self._owner_x[lists]
+        loc = self._local_x[lists]
+        found = sorted(set(own.tolist()) - {-1})
+        if not found:
+            return np.full((1, k), -np.inf, np.float32), np.full((1, k), -1, np.int64)
+        sc, ids = [], []
+        for s in found:
+            m = own == s
+            local = loc[m][None, :] if len(found) > 1 else loc[None, :]
+            if bonus is None:
+                a, b = L.search_preassigned(self.ivfs[s], query, local, k)
+            else:
+                a, b = L.search_fused(self.ivfs[s], query, local, (bonus[m] if len(found) > 1 else bonus)[None, :], k)
+            sc.append(a)
+            ids.append(b)
+        if len(found) == 1:
+            return sc[0], ids[0]
+        s_all, i_all = np.concatenate(sc, axis=1), np.concatenate(ids, axis=1)
+        top = np.argsort(-s_all[0], kind="stable")[:k]
+        out_s, out_i = s_all[:, top], i_all[:, top]
+        out_i[~np.isfinite(out_s)] = -1
+        return out_s, out_i
+
     def retrieve(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k over every row of every shard: queries ``[B, D]`` -> scores ``[B, k]`` float32, ids ``[B, k]`` int64."""
         parts = [(None, *scan.search(queries, k)) for scan in self._scans]
         return _merge(parts, len(queries), k)
 
-    def drop_cache(self) -> None:
-        """Ask the kernel to drop the shard files' cached pages (``POSIX_FADV_DONTNEED``), for cold-cache
-        measurements; pages still mapped by a live search may stay. No-op for shards read into RAM."""
-        import os
-
-        for p in self.paths:
+    @staticmethod
+    def drop_pages(paths: list[Path]) -> None:
+        """Ask the kernel to drop the cached pages of ``paths`` (``POSIX_FADV_DONTNEED``), for cold-cache
+        measurements. Pages mapped by a live process are kept: close the shards first
+        (:meth:`geoloc.index.CellIndex.reopen_shards` does)."""
+        for p in paths:
             fd = os.open(p, os.O_RDONLY)
             try:
+                os.fdatasync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
