@@ -28,7 +28,7 @@ from geoloc.cells import build_cells
 from geoloc.config import Config
 from geoloc.data import load_records
 from geoloc.errors import ConfigError, DatasetError
-from geoloc.encoder import EXTERNAL
+from geoloc.encoder import EXTERNAL, DescriptorLayout, second_backbone_config
 from geoloc.export import descriptors_for
 from geoloc.extract import Extraction, extract_features
 from geoloc.fileio import sha256_file
@@ -75,13 +75,23 @@ def build_index(*, database: str | Path, out: str | Path, config: Config, progre
     them instead of on a backbone's features; such a bundle answers descriptors, not images.
 
     ``val_queries``: geotagged queries (any folder or CSV ``load_records`` reads) that select the
-    training epoch and, with ``train.select_fusion``, the hybrid fusion weight stored in the
-    bundle; without them the held-out database split is used.
+    training epoch, with ``train.select_subcenters`` the number of sub-centres K, and with
+    ``train.select_fusion`` the hybrid fusion weight stored in the bundle; without them the
+    held-out database split selects epoch and K.
+
+    ``index.descriptor`` picks what the lists hold for retrieval: the classifier's projected
+    descriptor, the backbone's pooled feature or a second backbone's (extracted once, cached in the
+    work folder); the manifest's ``stats.descriptor`` records it (:class:`geoloc.encoder.DescriptorLayout`).
     """
     out = Path(out)
     check_output(out)
     if descriptors is not None and config.train.finetune_blocks > 0:
         raise ConfigError("train.finetune_blocks needs images and a backbone; it cannot be used with --descriptors")
+    if config.index.descriptor == "second":
+        if descriptors is not None:
+            raise ConfigError("index.descriptor second runs a second backbone on the images; it cannot be used with "
+                              "--descriptors (use projected or pooled)")
+        second_backbone_config(config.backbone, config.index)  # an empty index.second_backbone fails here, before any work
     if descriptors is not None and val_queries is not None:
         raise ConfigError("--val-queries are images, but a --descriptors bundle has no backbone to embed them")
     if val_queries is None and subcenter_candidates(config) and config.train.val_fraction <= 0:
@@ -91,6 +101,21 @@ def build_index(*, database: str | Path, out: str | Path, config: Config, progre
     with build_lock(out):
         return _build(database=database, out=out, config=config, progress=progress, log=log, descriptors=descriptors,
                       val_queries=val_queries)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows ``[N, R]`` L2-normalised, float32."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _all_decoded(ext: Extraction, source: str | Path, name: str) -> np.ndarray:
+    """Features ``[N, R]`` of an extraction that must cover every image (the second backbone reads the
+    images the first one read)."""
+    if not ext.ok.all():
+        raise DatasetError(f"{source}: {int((~ext.ok).sum())} images the backbone read cannot be read for the second "
+                           f"backbone {name} (first: {ext.errors[0][1]}); remove them or use another index.descriptor")
+    return ext.features
 
 
 def external_backbone(path: Path, feature_dim: int) -> dict:
@@ -130,8 +155,8 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
         log(f"extracting {backbone.name} features of {len(records)} images (cache: {work / 'features'})")
         bc = config.backbone
 
-        def extract(paths: list[Path], cache: str):
-            return extract_features(paths, backbone=backbone, batch_size=bc.batch_size, num_workers=bc.num_workers,
+        def extract(paths: list[Path], cache: str, model=None):
+            return extract_features(paths, backbone=model or backbone, batch_size=bc.batch_size, num_workers=bc.num_workers,
                                     cache_dir=work / cache, progress=progress, chunk_size=bc.cache_chunk,
                                     engine=bc.engine, ray_address=bc.ray_address or None, workers=bc.workers or None,
                                     threads_per_worker=bc.threads_per_worker or None, backbone_config=bc)
@@ -167,6 +192,18 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
         validation = Validation(features=vext.features, lat=vq.lat, lon=vq.lon)
         lap("extract-val")
 
+    second, db_retrieval, val_retrieval = None, None, None
+    if config.index.descriptor == "second":
+        second = create_backbone(second_backbone_config(config.backbone, config.index))
+        log(f"extracting {second.name} features of {len(good)} images for retrieval (cache: {work / 'features-second'})")
+        db_retrieval = _all_decoded(extract(good.abspaths(), "features-second", second), database, second.name)
+        if validation is not None:
+            val_retrieval = _all_decoded(extract(vq.abspaths(), "val-features-second", second), val_queries, second.name)
+        lap("extract-second")
+    elif config.index.descriptor == "pooled":
+        db_retrieval = _unit(ext.features)
+        val_retrieval = None if validation is None else _unit(validation.features)
+
     train_args = dict(features=ext.features, labels=labels, lat=good.lat, lon=good.lon, table=table, log=log,
                       inputs_key=hashlib.sha256(ext.features.tobytes()).hexdigest(), headings=good.heading,
                       augmented=augmented, validation=validation)
@@ -187,7 +224,8 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
         q = config.query
         w, by_w = select_fusion_weight(model, table, db_features=ext.features, filed=filed, db_lat=good.lat,
                                        db_lon=good.lon, validation=validation, top_cells=q.top_cells,
-                                       neighbours=q.neighbours, threshold_m=q.threshold_m)
+                                       neighbours=q.neighbours, threshold_m=q.threshold_m,
+                                       db_retrieval=db_retrieval, val_retrieval=val_retrieval)
         config.set("query.fusion_weight", w, source="--val-queries")  # stored with the bundle's config
         stats["fusion_weight_val_lr@1"] = {f"{k:g}": v for k, v in by_w.items()}
         log(f"fusion weight {w:g} chosen on {len(validation.features)} validation queries "
@@ -201,15 +239,21 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
         lap("finetune")
         log("extracting features again with the tuned backbone")
         features = extract(good.abspaths(), "features-tuned").features
+        if config.index.descriptor == "pooled":
+            db_retrieval = _unit(features)
         backbone_state = {k: v.detach().cpu().numpy() for k, v in backbone.model.state_dict().items()}
         backbone_info = backbone.describe()
         lap("extract-tuned")
 
     with torch.inference_mode():
         desc = model.embed(torch.from_numpy(features)).numpy()
-        prototypes = model.prototypes(table)
+        prototypes = model.prototypes(table).numpy()
     state = classifier_state(model, table)
-    index = CellIndex.build(descriptors=desc, cells=filed, prototypes=prototypes.numpy(),
+    layout = DescriptorLayout(str(config.index.descriptor), desc.shape[1], 0 if db_retrieval is None else db_retrieval.shape[1])
+    stats["descriptor"] = {**layout.to_json(), "second_backbone": None if second is None else second.describe()}
+    if layout.split:  # [0, r] rows and [p, 0] prototypes: cells by the classifier, retrieval by the chosen descriptor
+        desc, prototypes = layout.database(db_retrieval), layout.prototypes(prototypes)
+    index = CellIndex.build(descriptors=desc, cells=filed, prototypes=prototypes,
                             prototype_cells=model.prototype_cells(table), neighbours=table.neighbours(),
                             config=config.index)
     lap("index")
@@ -217,7 +261,8 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
     stats.update({"images_used": len(good), "images_skipped": len(skipped), "train_history": train_report.history,
                   "best_epoch": train_report.best_epoch, "timings_s": timings})
     write_bundle(out, config=config, backbone_info=backbone_info, table=table, records=good, filed=filed,
-                 projection=state["projection"], prototypes=state["prototypes"], index=index, skipped=skipped,
+                 projection=layout.projection(state["projection"]), prototypes=layout.prototypes(state["prototypes"]),
+                 index=index, skipped=skipped,
                  stats=stats, backbone_state=backbone_state)
     lap("write")
     return BuildReport(out=out, images_used=len(good), images_skipped=len(skipped), cells=len(table),

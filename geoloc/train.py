@@ -418,7 +418,8 @@ class _GroupRows:
 def select_fusion_weight(model: CellClassifier, table: CellTable, *, db_features: np.ndarray, filed: np.ndarray,
                          db_lat: np.ndarray, db_lon: np.ndarray, validation: Validation, top_cells: int,
                          neighbours: bool, threshold_m: float,
-                         weights: Sequence[float] = FUSION_WEIGHTS) -> tuple[float, dict[float, float]]:
+                         weights: Sequence[float] = FUSION_WEIGHTS, db_retrieval: np.ndarray | None = None,
+                         val_retrieval: np.ndarray | None = None) -> tuple[float, dict[float, float]]:
     """The hybrid fusion weight with the best LR@1 on the validation queries (ties: the smaller weight).
 
     Hybrid as the index does it: exact search among the database rows filed in the top
@@ -427,6 +428,9 @@ def select_fusion_weight(model: CellClassifier, table: CellTable, *, db_features
     Args:
         db_features: ``[N, F]`` pooled features of the database; filed ``[N]`` int64 cell of each row;
             db_lat, db_lon ``[N]`` degrees.
+        db_retrieval, val_retrieval: ``[N, R]`` and ``[V, R]`` L2-normalised retrieval descriptors
+            when the index retrieves by another descriptor than the classifier's (``index.descriptor``
+            pooled or second); None: the projected descriptor.
     Returns:
         ``(weight, {weight: LR@1})``.
     """
@@ -444,7 +448,12 @@ def select_fusion_weight(model: CellClassifier, table: CellTable, *, db_features
         ring = table.neighbours()[top].reshape(len(q), -1)
         allowed[rows, np.where(ring >= 0, ring, c)] = True
     mask = torch.from_numpy(allowed[:, filed])
-    sim = q @ db.T
+    if (db_retrieval is None) != (val_retrieval is None):
+        raise ValueError("db_retrieval and val_retrieval go together")
+    if db_retrieval is not None:
+        sim = torch.from_numpy(np.asarray(val_retrieval, np.float32)) @ torch.from_numpy(np.asarray(db_retrieval, np.float32)).T
+    else:
+        sim = q @ db.T
     bonus = cs[:, torch.from_numpy(np.asarray(filed, np.int64))]
     recall = {}
     for w in weights:
