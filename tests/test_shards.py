@@ -109,7 +109,16 @@ def test_query_touches_only_the_shards_that_own_its_lists(data):
     owner = idx.shards.owner
     routed = idx.shards.route(res.lists)
     assert {s for s, *_ in routed} == set(owner[res.lists[:, 0]].tolist())
+    for lists in (res.lists, res.lists[:1]):  # the fan-out form (shards on other hosts) answers the same
+        for bonus in (None, np.full(lists.shape, 0.25, np.float32)):
+            a = idx.shards.search(data.xq[:len(lists)], lists, 10, bonus)
+            b = idx.shards.search_routed(data.xq[:len(lists)], lists, 10, bonus)
+            assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
     wide = idx.search(data.xq, mode="hybrid", top_cells=5, k=5, neighbours=True)
+    for lists in (wide.lists, wide.lists[:1]):
+        a = idx.shards.search(data.xq[:len(lists)], lists, 10)
+        b = idx.shards.search_routed(data.xq[:len(lists)], lists, 10)
+        assert np.array_equal(a[1], b[1])
     touched = idx.shards_touched(wide.lists)
     expect = [len(set(owner[row[row >= 0]].tolist())) for row in wide.lists]
     assert touched.tolist() == expect and (touched >= 1).all()

@@ -13,11 +13,14 @@ area). The files of a sharded index::
                          an empty placeholder
 
 A query is scored once against the prototypes (one place, one scorer); its lists (top cells and
-their rings) are mapped to the shards that own them (:meth:`ShardSet.route`), each touched shard
-is searched over its own lists with the same FAISS kernel as the unsharded index, and the
-per-shard top-k are merged. Every row's score is computed exactly as in one index, so the
-answers are the unsharded index's (ids equal; ties between equal scores may order differently).
-Retrieve searches every shard and merges.
+their rings) are mapped to the shards that own them, and only those lists are read. On one host
+the shards' lists are chained into one searchable view without copying (FAISS's
+``VStackInvertedLists``: shard 0's lists, then shard 1's, ...), so a query over lists of three
+shards is still one ``search_preassigned`` call with the unsharded index's kernel, list order
+and heap: the answers are the unsharded index's, bit for bit. :meth:`ShardSet.search_routed` is
+the fan-out form a front would use with shards on other hosts (:meth:`ShardSet.route` splits the
+lists by shard, each shard is searched alone, the per-shard top-k are merged; same answers up to
+the order of exactly equal scores). Retrieve scans every list of the view.
 
 Shards are read with ``faiss.IO_FLAG_MMAP_IFC`` (``index.mmap``, the default): the lists stay
 ``ArrayInvertedLists`` whose buffers point into a read-only mapping of the file, so the search
@@ -215,10 +218,22 @@ class ShardSet:
         # a trailing -1 so that list -1 (padding) maps to shard -1 / local -1
         self._owner_x = np.append(self.owner, -1)
         self._local_x = np.append(local, -1)
-        self._scans = [ListScan(ivf, blas_min_batch) for ivf in self.ivfs]
         self.ntotal = int(sum(int(i.ntotal) for i in self.ivfs))
         self.code_size = int(self.ivfs[0].code_size) if s else 0
         self.mapped = bool(self.paths)
+        # One searchable view over every shard: FAISS's VStackInvertedLists chains the shards'
+        # lists (shard 0's, then shard 1's, ...) without copying, so a batch over lists of several
+        # shards is one search_preassigned call; cell c is list _vpos[c] of the view.
+        starts = np.cumsum([0] + [int(i.nlist) for i in self.ivfs])
+        self._vpos_x = np.append(starts[self.owner] + local, -1)
+        self._ptrs = faiss.InvertedListsPtrVector()
+        for ivf in self.ivfs:
+            self._ptrs.push_back(ivf.invlists)
+        self._vstack = faiss.VStackInvertedLists(self._ptrs.size(), self._ptrs.data())
+        self.view = empty_shard(self.ivfs[0], int(starts[-1]))
+        self.view.replace_invlists(self._vstack, False)
+        self.view.ntotal = self.ntotal
+        self._scan = ListScan(self.view, blas_min_batch)
 
     def __len__(self) -> int:
         return len(self.ivfs)
@@ -394,6 +409,16 @@ class ShardSet:
             :func:`geoloc.index.lists.search_preassigned` / :func:`~geoloc.index.lists.search_fused`
             return on the unsharded index.
         """
+        vl = self._vpos_x[lists]  # cell ids -> lists of the chained view (-1 stays -1)
+        if bonus is None:
+            return L.search_preassigned(self.view, queries, vl, k)
+        return L.search_fused(self.view, queries, vl, bonus, k)
+
+    def search_routed(self, queries: np.ndarray, lists: np.ndarray, k: int,
+                      bonus: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` the way a front would fan out to shard hosts: each touched shard searched on
+        its own over its local lists, the per-shard top-k merged (``docs/sharding.md``). Same
+        answers as :meth:`search` (ties between equal scores may order differently)."""
         if len(lists) == 1:
             return self._search_one(queries, lists[0], k, None if bonus is None else bonus[0])
         parts = []
@@ -435,8 +460,7 @@ class ShardSet:
 
     def retrieve(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k over every row of every shard: queries ``[B, D]`` -> scores ``[B, k]`` float32, ids ``[B, k]`` int64."""
-        parts = [(None, *scan.search(queries, k)) for scan in self._scans]
-        return _merge(parts, len(queries), k)
+        return self._scan.search(queries, k)
 
     @staticmethod
     def drop_pages(paths: list[Path]) -> None:
