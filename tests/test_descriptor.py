@@ -69,6 +69,12 @@ def test_manifest_records_descriptor_and_selected_k(bundles):
         assert read_bundle(path).index.prototype_cells.size == k * m["cells"]["count"]
     assert dims["projected"] == (32, 0) and dims["pooled"] == (32, 64)  # test_tiny: F = 64, head.dim 32
     assert dims["second"][0] == 32 and dims["second"][1] > 0
+    # the second backbone's features are cached beside the first's, under their own key
+    from geoloc.build import work_dir
+
+    keys = [json.loads((work_dir(bundles["second"]) / d / "cache.json").read_text())["key"]
+            for d in ("features", "features-second", "val-features-second")]
+    assert keys[0] != keys[1] == keys[2]
 
 
 def test_classify_is_the_same_classifier_whatever_the_retrieval_descriptor(bundles, city):
