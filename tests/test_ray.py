@@ -167,6 +167,15 @@ def test_bundle_built_on_ray_answers_like_the_local_one(tmp_path, cluster, monke
         pa = [{k: v for k, v in p.to_json().items() if k != "timings_ms"} for p in a.localize(queries, mode=mode)]
         pb = [{k: v for k, v in p.to_json().items() if k != "timings_ms"} for p in b.localize(queries, mode=mode)]
         assert pa == pb and len(pa) == 12, mode
+    # geographic shards on top of the Ray build (index.shards): the same answers again
+    sharded = build.build_index(database=tmp_path / "ds", out=tmp_path / "ray-sharded",
+                                config=cfg.set("index.shards", 2), progress=False)
+    c = Localizer.load(sharded.out)
+    assert c.bundle.index.n_shards == 2
+    for mode in ("classify", "retrieve", "hybrid"):
+        pa = [{k: v for k, v in p.to_json().items() if k != "timings_ms"} for p in a.localize(queries, mode=mode)]
+        pc = [{k: v for k, v in p.to_json().items() if k != "timings_ms"} for p in c.localize(queries, mode=mode)]
+        assert pa == pc, mode
 
 
 def test_more_workers_than_cpus_is_refused(tmp_path, tiny, cluster):
