@@ -34,6 +34,7 @@ from geoloc.bench.calibration import bundle_twin_data
 from geoloc.bench.endtoend import backbone_ms_per_query, end_to_end, gpu_rows
 from geoloc.bench.realistic import default_calibration, make_realistic_data
 from geoloc.bench.realistic import summary as realistic_summary
+from geoloc.bench.report import default_scorer
 from geoloc.bench.rows import NCPU, RowLog, engine_rows, hnsw_rows, ivf_rows, log
 from geoloc.bench.synthetic import (
     DEFAULT_INTER_COS,
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="sizes 10^4 and 10^5 only (smoke run, < 1 min)")
     ap.add_argument("--with-backbone", default=None, metavar="NAME", help="add end-to-end ms (decode + backbone) via geoloc.backbones")
     ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="only the rows the targets need: retrieve, the flat and default cell scorers, HNSW32 (no IVF, LSH, HNSW scorer)")
     ap.add_argument("--data", nargs="+", choices=("hard", "realistic"), default=["hard"],
                     help="synthetic generators to run at every size (default: hard)")
     return ap.parse_args(argv)
@@ -66,8 +69,10 @@ def rows_for(data: CellData, source: str, args: argparse.Namespace, *, bandwidth
              kind: str = "hard") -> list[dict]:
     """Every latency row of one database: the engine's modes, then IVF-Flat and HNSW32."""
     rl = RowLog(data, source, bandwidth, backbone_ms, budget_s=0.5 if args.quick else 2.0, data_kind=kind)
-    gt1 = engine_rows(rl, batches=args.batch, quick=args.quick)
-    ivf_rows(rl, gt1, batches=args.batch)
+    only = (default_scorer(len(data.prototypes)),) if args.targets_only else None
+    gt1 = engine_rows(rl, batches=args.batch, quick=args.quick, scorers=only)
+    if not args.targets_only:
+        ivf_rows(rl, gt1, batches=args.batch)
     hnsw_rows(rl, gt1, batches=args.batch, quick=args.quick)
     return rl.rows
 

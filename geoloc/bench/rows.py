@@ -26,7 +26,7 @@ from geoloc.bench.timing import peak_rss_bytes, recall_at, time_search
 from geoloc.config import IndexConfig
 from geoloc.index import CellIndex
 
-__all__ = ["TOPK", "NCPU", "RowLog", "engine_rows", "ivf_rows", "hnsw_rows"]
+__all__ = ["NCPU", "TOPK", "RowLog", "engine_rows", "hnsw_rows", "ivf_rows"]
 
 TOPK = 10
 NCPU = faiss.omp_get_max_threads()
@@ -72,15 +72,16 @@ class RowLog:
         return time_search(fn, self.data.xq, batch, budget_s=self.budget_s, **kw)
 
 
-def engine_rows(log_: RowLog, *, batches: list[int], quick: bool) -> np.ndarray:
+def engine_rows(log_: RowLog, *, batches: list[int], quick: bool, scorers: tuple[str, ...] | None = None) -> np.ndarray:
     """Retrieve, then classify and hybrid (k = 1, 5, 20 cells) with each cell scorer; the HNSW
-    scorer also at several ``ef_search`` (batch 1, k = 5). Returns the exact top-1 ids ``[Q]``."""
+    scorer also at several ``ef_search`` (batch 1, k = 5). ``scorers``: only these (plus ``flat``,
+    the exact reference; None: flat, hnsw, lsh and the default). Returns the exact top-1 ids ``[Q]``."""
     data = log_.data
     n, d = data.xb.shape
     log(f"[{log_.source}] N={n} C={len(data.prototypes)} D={d}: building cell indexes")
     t = time.perf_counter()
     from geoloc.bench.report import default_scorer
-    kinds = list(dict.fromkeys(("flat", "hnsw", "lsh", default_scorer(len(data.prototypes)))))
+    kinds = list(dict.fromkeys(("flat", *(scorers if scorers is not None else ("hnsw", "lsh", default_scorer(len(data.prototypes)))))))
     built = {kind: CellIndex.build(descriptors=data.xb, cells=data.cells, prototypes=data.prototypes,
                                    neighbours=data.neighbours, config=IndexConfig(quantizer=kind, use_gpu=False))
              for kind in kinds}
