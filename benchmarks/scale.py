@@ -329,6 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     ring = idx.search(xq, mode="hybrid", top_cells=5, k=10, neighbours=True)
     touched = {"hybrid": float(idx.shards_touched(res5.lists).mean()),
                "hybrid_ring": float(idx.shards_touched(ring.lists).mean()), "of": s}
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    nr = min(args.retrieve_queries, len(xq))
+    retrieve_ms = None
+    if nr:  # a full scan: the first call pages every shard in (when the cache can hold them), the second is timed
+        idx.search(xq[:1], mode="retrieve", k=10)
+        t = time.perf_counter()
+        idx.search(xq[:nr], mode="retrieve", k=10)
+        retrieve_ms = (time.perf_counter() - t) * 1e3 / nr
+    faiss.omp_set_num_threads(1)
     cold = []
     for i in range(min(args.cold_queries, len(xq))):
         idx.reopen_shards(drop_cache=True)
@@ -336,14 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         idx.search(xq[i:i + 1], mode="hybrid", top_cells=5, k=10)
         cold.append((time.perf_counter() - t) * 1e3)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    nr = min(args.retrieve_queries, len(xq))
-    retrieve_ms = None
-    if nr:
-        t = time.perf_counter()
-        idx.search(xq[:nr], mode="retrieve", k=10)
-        retrieve_ms = (time.perf_counter() - t) * 1e3 / nr
     latency = {"warm": warm, "cold": {"hybrid": float(np.median(cold)) if cold else None, "samples": cold},
-               "retrieve_ms_per_query_all_threads": retrieve_ms}
+               "retrieve_ms_per_query_all_threads_warm": retrieve_ms}
     log(f"warm hybrid {warm['hybrid']:.2f} ms, cold {latency['cold']['hybrid']} ms, classify {warm['classify']:.2f} ms; "
         f"shards touched {touched}")
 
