@@ -132,3 +132,19 @@ def test_query_stats_on_a_generated_set():
     s = query_stats(data, ks=(1, 5), db_rows=200)
     assert 0 <= s["nn_cell_in_top_1"] <= s["nn_cell_in_top_5"] <= s["nn_cell_in_top_5_ring"] <= 1
     assert 0 <= s["db_nn_same_cell"] <= s["db_nn_in_ring"] <= 1 and s["queries"] == 50
+
+
+def test_look_alike_scenes_and_query_fidelity():
+    """Shared scenes put database nearest neighbours in other cells; a query that keeps less of its
+    cell's centre finds its own cell first less often; the defaults leave the generator unchanged."""
+    from geoloc.bench.realistic import nn_stats
+    c0 = default_calibration(32, seed=2)
+    base = make_realistic_data(4000, c0, nq=200, seed=3)
+    again = make_realistic_data(4000, dict(c0, view_share=0.0, query_centre_fidelity=1.0), nq=200, seed=3)
+    assert np.array_equal(base.xb, again.xb) and np.array_equal(base.xq, again.xq)
+    alike = make_realistic_data(4000, dict(c0, view_share=0.8, view_group=3.0), nq=200, seed=3)
+    assert nn_stats(alike.xb, alike.cells)[1] < nn_stats(base.xb, base.cells)[1] - 0.05
+    def own_first(d):
+        return float((np.argmax(d.xq @ d.prototypes.T, axis=1) == d.params["query_cells"]).mean())
+    shifted = make_realistic_data(4000, dict(c0, query_centre_fidelity=0.2), nq=200, seed=3)
+    assert own_first(shifted) < own_first(base) - 0.1

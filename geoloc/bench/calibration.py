@@ -7,7 +7,9 @@ photos, a held-out tenth of the database (removed from the database side). :func
 measures what decides hybrid's recall against exact search: where each query's exact nearest
 database row lies (same cell, ring of neighbours, top-k scored cells), and how alike database rows
 of different cells are. :func:`bundle_twin_data` calibrates :mod:`geoloc.bench.realistic` on the
-bundle (heading quadrants, adjacency of cell centres, query noise from the real queries) and returns
+bundle (heading quadrants, adjacency of cell centres, look-alike scenes from the database's
+nearest-neighbour statistics; query noise, own-cell-first rate and nearest-row cosine of the real
+queries; hybrid's recall is never a fit target) and returns
 both sets as :class:`geoloc.bench.synthetic.CellData` of the same size, for the same benchmark rows.
 """
 
@@ -18,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from geoloc.bench.realistic import calibrate, fit_query_noise, make_realistic_data
+from geoloc.bench.realistic import (
+    calibrate,
+    fit_query_centre_fidelity,
+    fit_query_noise,
+    fit_query_view_fidelity,
+    fit_views,
+    make_realistic_data,
+)
 from geoloc.bench.synthetic import CellData
 
 __all__ = ["bundle_queries", "bundle_twin_data", "query_stats"]
@@ -151,7 +160,19 @@ def bundle_twin_data(folder: Path, *, cache: Path | None = None, seed: int = 7) 
     xb, cells, heads, pos = xb[order], cells[order], heads[order], pos[order]
     nb = idx.neighbours if idx.neighbours is not None else np.full((idx.nlist, 8), -1, np.int64)
     calib = calibrate(xb, cells, headings=None if np.isnan(heads).all() else heads, neighbours=nb)
+    # look-alike scenes from the database's own nearest-neighbour statistics, then the query model:
+    # its noise (variance), how well it shows its cell (own-cell-first rate by cell means), how close
+    # it comes to a database photo (mean top-1 cosine); hybrid's recall is never a fit target
+    calib["view_share"], calib["view_group"], calib["view_fit"] = fit_views(calib, xb, cells)
     calib["query_noise"] = fit_query_noise(calib, xb, cells, q["xq"], q["query_cells"])
+    means = np.zeros((int(cells.max()) + 1, xb.shape[1]), np.float32)
+    np.add.at(means, cells, xb)
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    top1 = float((np.argmax(q["xq"] @ means.T, axis=1) == q["query_cells"]).mean())
+    calib["query_centre_fidelity"] = fit_query_centre_fidelity(calib, len(xb), top1)
+    qnn = sum(float(np.max(q["xq"][i:i + 256] @ xb.T, axis=1).sum()) for i in range(0, len(q["xq"]), 256)) / len(q["xq"])
+    calib["query_view_fidelity"] = fit_query_view_fidelity(calib, len(xb), qnn)
+    calib["fit_targets"] = {"real_true_cell_top1_by_means": top1, "real_query_nn_cos": qnn}
     real = CellData(xb, cells, idx.prototypes(), nb, q["xq"], {"bundle": str(folder), "queries": q["source"]})
     twin = make_realistic_data(len(xb), calib, nq=len(q["xq"]), query_noise=calib["query_noise"], seed=seed)
     return real, twin, calib, {"query_source": q["source"], "real_query_cells": q["query_cells"], "db_positions": pos,

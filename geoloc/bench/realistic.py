@@ -12,8 +12,11 @@ Gaussian with the centre spectrum; each cell has ``HEADINGS`` heading offsets an
 adds a residual offset, both Gaussian with the offset spectrum split by the heading share;
 rows are L2-normalised. Cell centres of grid neighbours are correlated (``centre_adjacent_cos``,
 the mean cosine of adjacent real cells' centred centres: a street looks alike over a few cells).
-Queries are new members of random cells/headings with ``query_noise`` times the residual
-variance; :func:`fit_query_noise` measures it on real queries whose true cells are known (the
+Optionally (``view_share`` > 0) part of every offset is a look-alike *scene* shared with about
+``view_group - 1`` rows of random other cells (perceptual aliasing: real descriptors have
+near-duplicates far apart; :func:`fit_views` fits both on a real set's nearest-neighbour statistics).
+Queries are new members of random cells/headings (and their source row's scene) with ``query_noise``
+times the residual variance; :func:`fit_query_noise` measures it on real queries whose true cells are known (the
 demo bundle's 500 query photos give 1.33; ``benchmarks/calibration.py``). Without a real set, :data:`DEFAULT_CALIBRATION`-style power-law spectra
 ("far fewer effective dimensions" than isotropic noise) are used.
 """
@@ -31,7 +34,7 @@ from geoloc.bench.synthetic import (
 )
 from geoloc.cells import neighbour_table
 
-__all__ = ["calibrate", "default_calibration", "effective_dims", "fit_query_noise", "make_realistic_data", "summary"]
+__all__ = ["calibrate", "default_calibration", "effective_dims", "fit_query_centre_fidelity", "fit_query_noise", "fit_query_view_fidelity", "fit_views", "make_realistic_data", "nn_stats", "summary"]
 
 
 def effective_dims(spectrum: np.ndarray) -> float:
@@ -152,7 +155,10 @@ def summary(calib: dict) -> dict:
             "effective_dims_offsets": effective_dims(calib["offset_spectrum"]), "heading_share": calib["heading_share"],
             "size_log_mu": calib["size_log_mu"], "size_log_sigma": calib["size_log_sigma"],
             "size_min": calib["size_min"], "size_max": calib["size_max"],
-            "centre_adjacent_cos": float(calib.get("centre_adjacent_cos", 0.0))}
+            "centre_adjacent_cos": float(calib.get("centre_adjacent_cos", 0.0)),
+            "view_share": float(calib.get("view_share", 0.0)), "view_group": float(calib.get("view_group", 0.0)),
+            "query_view_fidelity": float(calib.get("query_view_fidelity", 1.0)),
+            "query_centre_fidelity": float(calib.get("query_centre_fidelity", 1.0))}
 
 
 def fit_query_noise(calib: dict, xb: np.ndarray, cells: np.ndarray, xq: np.ndarray, query_cells: np.ndarray) -> float:
@@ -165,8 +171,8 @@ def fit_query_noise(calib: dict, xb: np.ndarray, cells: np.ndarray, xq: np.ndarr
             query was really taken in (e.g. that of its geographically nearest database photo).
     Returns:
         ``qn`` such that a query's offset from its cell's centre has ``h + qn (1 - h)`` times the
-        variance of a database row's offset (``h``: heading share): queries are new photos of a
-        database place, with their own residual.
+        variance of a database row's offset (``h``: heading share + view share): queries are new
+        photos of a database place (and scene), with their own residual.
     """
     xb, xq = np.asarray(xb, np.float32), np.asarray(xq, np.float32)
     cells, query_cells = np.asarray(cells, np.int64), np.asarray(query_cells, np.int64)
@@ -176,8 +182,71 @@ def fit_query_noise(calib: dict, xb: np.ndarray, cells: np.ndarray, xq: np.ndarr
     cnt = np.bincount(cells, minlength=c)
     centres = sums / np.maximum(cnt, 1)[:, None]
     ratio = float(((xq - centres[query_cells]) ** 2).sum(1).mean() / max(1e-30, ((xb - centres[cells]) ** 2).sum(1).mean()))
-    h = float(calib.get("heading_share", 0.0))
+    h = float(calib.get("heading_share", 0.0)) + float(calib.get("view_share", 0.0))
     return max(0.0, (ratio - h) / max(1e-6, 1 - h))
+
+
+def nn_stats(xb: np.ndarray, cells: np.ndarray, *, rows: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Nearest other row of ``rows`` random rows of ``xb`` ``[N, D]`` (cells ``[N]``): mean cosine,
+    and share in the same cell."""
+    m = min(rows, len(xb))
+    pick = np.random.default_rng(seed).choice(len(xb), size=m, replace=False)
+    s = xb[pick] @ xb.T
+    s[np.arange(m), pick] = -np.inf
+    return float(s.max(1).mean()), float((cells[s.argmax(1)] == cells[pick]).mean())
+
+
+def fit_views(calib: dict, xb: np.ndarray, cells: np.ndarray, *, seed: int = 0) -> tuple[float, float, dict]:
+    """``view_share`` and ``view_group`` whose generated set of ``len(xb)`` rows has the nearest-
+    neighbour statistics (:func:`nn_stats`) of the real rows ``xb`` ``[N, D]`` / ``cells`` ``[N]``
+    (a grid search; database rows only, no query enters the fit).
+
+    Returns ``(view_share, view_group, {"real": (cos, same_cell), "fit": (cos, same_cell)})``.
+    """
+    real = nn_stats(xb, cells, seed=seed)
+    best = (float("inf"), 0.0, 2.0, real)
+    room = max(0.0, 0.9 - float(calib.get("heading_share", 0.0)))
+    for a in [x for x in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7) if x <= room]:
+        for g in ((2.0,) if a == 0 else (2.0, 3.0, 5.0, 8.0)):
+            tw = make_realistic_data(len(xb), dict(calib, view_share=a, view_group=g), nq=1, seed=seed + 1)
+            got = nn_stats(tw.xb, tw.cells, seed=seed)
+            err = (got[0] - real[0]) ** 2 + (got[1] - real[1]) ** 2
+            if err < best[0]:
+                best = (err, a, g, got)
+    return best[1], best[2], {"real": real, "fit": best[3]}
+
+
+def fit_query_centre_fidelity(calib: dict, n: int, true_cell_top1: float, *, nq: int = 500, seed: int = 0) -> float:
+    """The share ``psi`` of a query's cell-centre component that is the database's centre of its
+    cell (the rest a fresh draw of the centre spectrum: the place as another season or light shows
+    it) whose generated queries find their own cell first (by the normalised cell means) as often as
+    real queries do, ``true_cell_top1`` (grid search over a set of ``n`` rows; needs
+    ``calib["query_noise"]``)."""
+    best = (float("inf"), 1.0)
+    for psi in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+        tw = make_realistic_data(n, dict(calib, query_centre_fidelity=psi), nq=nq,
+                                 query_noise=float(calib.get("query_noise", 1.5)), seed=seed + 1)
+        got = float((np.argmax(tw.xq @ tw.prototypes.T, axis=1) == tw.params["query_cells"]).mean())
+        if abs(got - true_cell_top1) < best[0]:
+            best = (abs(got - true_cell_top1), psi)
+    return best[1]
+
+
+def fit_query_view_fidelity(calib: dict, n: int, query_nn_cos: float, *, nq: int = 500, seed: int = 0) -> float:
+    """The share ``phi`` of a query's scene component that is its source row's scene (the rest a
+    fresh one of the same variance) whose generated queries have the real queries' mean cosine to
+    their nearest database row, ``query_nn_cos`` (grid search over a set of ``n`` rows; needs
+    ``calib["query_noise"]``). 1.0 without look-alike scenes."""
+    if float(calib.get("view_share", 0.0)) <= 0:
+        return 1.0
+    best = (float("inf"), 1.0)
+    for phi in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        tw = make_realistic_data(n, dict(calib, query_view_fidelity=phi), nq=nq,
+                                 query_noise=float(calib.get("query_noise", 1.5)), seed=seed + 1)
+        got = float(np.max(tw.xq @ tw.xb.T, axis=1).mean())
+        if abs(got - query_nn_cos) < best[0]:
+            best = (abs(got - query_nn_cos), phi)
+    return best[1]
 
 
 def _grid_smoothing(rho: float) -> float:
@@ -204,8 +273,9 @@ def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.
     c_map = (np.sqrt(calib["centre_spectrum"])[:, None] * calib["centre_basis"].T).astype(np.float32)  # [D, D]
     o_std = np.sqrt(calib["offset_spectrum"])[:, None] * calib["offset_basis"].T
     h = float(calib["heading_share"])
+    a = float(calib.get("view_share", 0.0))
     h_map = (np.sqrt(h) * o_std).astype(np.float32)
-    r_map = (np.sqrt(1 - h) * o_std).astype(np.float32)
+    r_map = (np.sqrt(max(0.0, 1 - h - a)) * o_std).astype(np.float32)
     mean = calib["mean"].astype(np.float32)
 
     def gauss(k: int, m: np.ndarray) -> np.ndarray:
@@ -226,17 +296,34 @@ def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.
     centre = mean + latent
     head_off = gauss(c * HEADINGS, h_map).reshape(c, HEADINGS, d)
     heads = rng.integers(0, HEADINGS, size=n)
+    views = row_view = None
+    if a > 0:  # look-alike scenes shared by rows anywhere (view_group rows per view on average)
+        n_views = max(1, round(n / max(1.0, float(calib.get("view_group", 2.0)))))
+        row_view = rng.integers(0, n_views, size=n)
+        views = gauss(n_views, (np.sqrt(a) * o_std).astype(np.float32))
     xb = np.empty((n, d), np.float32)
     step = 65536
     for i in range(0, n, step):
         cc, hh = cells[i:i + step], heads[i:i + step]
-        xb[i:i + step] = normalise(centre[cc] + head_off[cc, hh] + gauss(len(cc), r_map))
+        x = centre[cc] + head_off[cc, hh] + gauss(len(cc), r_map)
+        if views is not None:
+            x += views[row_view[i:i + step]]
+        xb[i:i + step] = normalise(x)
     protos = np.zeros((c, d), np.float32)
     starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
     protos[cells[starts]] = np.add.reduceat(xb, starts, axis=0)
     protos = normalise(protos)
     src = rng.integers(0, n, size=nq)
     qc, qh = cells[src], heads[src]
-    xq = normalise(centre[qc] + head_off[qc, qh] + np.float32(np.sqrt(query_noise)) * gauss(nq, r_map))
+    psi = float(np.clip(calib.get("query_centre_fidelity", 1.0), 0.0, 1.0))
+    xq = mean + np.float32(np.sqrt(psi)) * latent[qc] + head_off[qc, qh] + np.float32(np.sqrt(query_noise)) * gauss(nq, r_map)
+    if psi < 1:  # the place as the query sees it (another season, light, ...): part of its centre is new
+        xq += np.float32(np.sqrt(1 - psi)) * gauss(nq, c_map)
+    if views is not None:  # a new photo of the scene its source row shows, seen with fidelity phi
+        phi = float(np.clip(calib.get("query_view_fidelity", 1.0), 0.0, 1.0))
+        xq += np.float32(np.sqrt(phi)) * views[row_view[src]]
+        if phi < 1:
+            xq += gauss(nq, (np.sqrt(a * (1 - phi)) * o_std).astype(np.float32))
+    xq = normalise(xq)
     return CellData(xb, cells, protos, nb, xq, {"generator": "realistic", **summary(calib), "n_cells": c,
-                                                "query_noise": query_noise})
+                                                "query_noise": query_noise, "query_cells": qc})
