@@ -353,12 +353,24 @@ def test_queries_of_refuses_what_is_not_a_synth_city_and_the_city_seed(tiny, tmp
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "city.json").write_text("{}")
     for bad in (tmp_path / "real", tmp_path / "missing"):
-        with pytest.raises(DatasetError, match="not a complete city"):
+        with pytest.raises(DatasetError, match="not a finished city"):
             generate_queries(city_dir=bad, out=tmp_path / "v", seed=5, n_queries=2, progress=False)
     generate_queries(city_dir=city, out=tmp_path / "q", seed=5, n_queries=2, progress=False)
-    with pytest.raises(DatasetError, match="not a complete city"):  # a folder of queries is not a city
+    with pytest.raises(DatasetError, match="not a finished city"):  # a folder of queries is not a city
         generate_queries(city_dir=tmp_path / "q", out=tmp_path / "v", seed=6, n_queries=2, progress=False)
     assert not (tmp_path / "v").exists()
+    # a city written before markers existed (city.json of this generator version) is accepted; another version is not
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(city, old)
+    (old / MARKER).unlink()
+    info = generate_queries(city_dir=old, out=tmp_path / "from_old", seed=5, n_queries=2, progress=False)
+    assert tree_hash(tmp_path / "from_old") == tree_hash(tmp_path / "q")
+    meta = __import__("json").loads((old / "city.json").read_text())
+    (old / "city.json").write_text(__import__("json").dumps({**meta, "version": "0"}))
+    with pytest.raises(DatasetError, match="not a finished city"):
+        generate_queries(city_dir=old, out=tmp_path / "v", seed=6, n_queries=2, progress=False)
 
 
 def test_cli_queries_of_exit_codes(tiny, tmp_path):

@@ -492,6 +492,37 @@ def _read_city_queries(city_dir: Path, city: City) -> np.ndarray:
     return en - np.array([city.sw_east, city.sw_north])
 
 
+_CITY_KEYS = ("seed", "extent_m", "spacing_m", "shift", "headings", "image_size", "origin_latlon")
+
+
+def _city_parameters(city_dir: Path) -> dict:
+    """The generation parameters of a finished city folder: from its signed marker, or (a city written
+    before markers existed) from a ``city.json`` of this generator version whose queries.csv exists.
+
+    Raises:
+        DatasetError: the folder is not a finished synth city (or is a folder of validation queries).
+    """
+    what = (f"{one_line(city_dir)}: not a finished city written by geoloc synth-city (no valid {MARKER} marker, "
+            f"or no city.json of generator version {SYNTH_VERSION} with database.csv and queries.csv); give the "
+            "--out folder of a finished synth-city run")
+    _check(city_dir.is_dir(), what)
+    marker = read_marker(city_dir)
+    if marker is not None:
+        params = marker.get("parameters")
+        _check(isinstance(params, dict) and marker.get("complete") is True and "queries_of" not in params, what)
+    else:
+        try:
+            meta = json.loads(read_bounded(city_dir / "city.json", max_bytes=64 << 20).decode("utf-8"))
+        except (GeolocError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            meta = None
+        ok = isinstance(meta, dict) and meta.get("generator") == "geoloc.synth" and meta.get("version") == SYNTH_VERSION
+        params = meta.get("parameters") if ok else None
+    _check(isinstance(params, dict) and all(k in params for k in _CITY_KEYS)
+           and (city_dir / "city.json").is_file() and (city_dir / "database.csv").is_file()
+           and (city_dir / "queries.csv").is_file(), what)
+    return params
+
+
 def generate_queries(*, city_dir: Path, out: Path, seed: int, n_queries: int = 500, shift: str | None = None,
                      progress: bool = True, workers: int = 1) -> QueriesInfo:
     """Queries of an existing synthetic city drawn from their own ``seed`` (e.g. validation queries
@@ -504,8 +535,9 @@ def generate_queries(*, city_dir: Path, out: Path, seed: int, n_queries: int = 5
     defaults to the city's own; the image size and database headings are the city's.
 
     Raises:
-        DatasetError: ``city_dir`` is not a complete city written by :func:`generate_city` (no
-            valid marker, or a folder of queries), ``seed`` equals the city's seed, an invalid
+        DatasetError: ``city_dir`` is not a finished city written by :func:`generate_city` (neither
+            a valid marker nor a city.json of this generator version, or a folder of queries),
+            ``seed`` equals the city's seed, an invalid
             argument, or ``out`` is a non-empty folder this generator did not write.
         geoloc.fileio.OutputError: one line on a full disk, a read-only file system or a permission error.
     """
@@ -517,12 +549,7 @@ def generate_queries(*, city_dir: Path, out: Path, seed: int, n_queries: int = 5
 def _generate_queries(*, city_dir: Path, out: Path, seed: int, n_queries: int, shift: str | None, progress: bool,
                       workers: int) -> QueriesInfo:
     t_start = time.perf_counter()
-    marker = read_marker(city_dir) if city_dir.is_dir() else None
-    params = marker.get("parameters") if marker else None
-    _check(isinstance(params, dict) and marker.get("complete") is True and "queries_of" not in params
-           and (city_dir / "city.json").is_file(),
-           f"{one_line(city_dir)}: not a complete city written by geoloc synth-city (no valid {MARKER} marker with "
-           "city.json); give the --out folder of a finished synth-city run")
+    params = _city_parameters(city_dir)
     _check(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**63,
            f"seed must be a non-negative integer (got {seed!r})")
     _check(int(seed) != int(params["seed"]),
