@@ -6,8 +6,11 @@ group's prototypes are stacked into one ``[C*K, D]`` matrix in cell-id order (ro
 ``c*K + k`` is sub-centre ``k`` of cell ``c``; :meth:`CellClassifier.prototype_cells` says
 whose) and the query descriptor is scored against all of them by cosine; a cell's score is
 the best cosine over its sub-centres. So scores from different groups and different K are on
-one scale (docs/architecture.md). The same descriptor is what the database index stores, so
-the prototypes double as the IVF coarse quantizer (hybrid mode is one restricted IVF search).
+one scale (docs/architecture.md). By default the same descriptor is what the database index
+stores, so the prototypes double as the IVF coarse quantizer (hybrid mode is one restricted IVF
+search); with ``index.descriptor`` pooled or second the index retrieves by another descriptor and
+the prototypes score cells in their own block of the index vectors
+(:class:`geoloc.encoder.DescriptorLayout`).
 
 Heads: ``aamc`` (additive angular margin, ArcFace: ``s*cos(theta_y + m)``) or ``cosface``
 (large margin cosine, LMCC: ``s*(cos(theta_y) - m)``), both as in Divide&Classify; with K > 1
