@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{' + neighbours' if e2e['neighbours'] else ''}, batch 1, medians over {e2e['images']} images): {st} ms; "
               f"separate backbone-only forward {e2e['backbone_alone_ms_median']:.2f} ms; "
               f"whole/backbone (paired sums) = {e2e['whole_over_backbone']:.3f} "
-              f"(target <= 1.10: {'MET' if e2e['met'] else 'MISSED'})")
+              f"(target <= 1.10: {'MET' if e2e['met'] else 'MISSED'}); index share (heads + search) / backbone = "
+              f"{e2e['index_share_of_backbone']:.3f} (target <= 0.03: {'MET' if e2e['index_share_met'] else 'MISSED'}); "
+              f"after a forward: projection {e2e['projection_ms_median']:.3f} ms, index search {e2e['index_search_ms_median']:.3f} ms")
     print(f"wrote {args.out} and {png}")
     return 0
 
