@@ -361,13 +361,23 @@ def train_selecting_subcenters(*, candidates: Sequence[int], config: Config, che
         The chosen classifier and its report, whose ``subcenter_val_lr1`` maps every candidate K to
         its validation LR@1 and ``subcenter_seconds`` to its training time; ``seconds`` is the total.
 
+    Without validation queries and with too few images for a held-out split, K stays
+    ``head.subcenters`` (one training, logged): a preset that selects K still builds tiny datasets.
+
     Raises:
-        ConfigError: no candidates, or no validation rows to select on (``train.val_fraction`` 0
-            and no validation queries).
+        ConfigError: no candidates, or nothing to select on (``train.val_fraction`` 0 and no
+            validation queries).
     """
     ks = sorted({int(k) for k in candidates})
     if not ks:
         raise ConfigError("train.select_subcenters names no K; give e.g. 1,2,4 or leave it empty")
+    if train_args.get("validation") is None:
+        if config.train.val_fraction <= 0:
+            raise ConfigError("train.select_subcenters needs validation rows: pass build-index --val-queries DIR or "
+                              "set train.val_fraction above 0")
+        if not len(split_holdout(train_args["labels"], fraction=config.train.val_fraction, seed=config.train.seed)[1]):
+            log(f"too few images for a held-out split to choose K on; keeping head.subcenters = {config.head.subcenters}")
+            return train_classifier(config=config, log=log, checkpoint_dir=checkpoint_dir, **train_args)
     t0 = time.perf_counter()
     scores: dict[int, float] = {}
     seconds: dict[int, float] = {}
@@ -379,9 +389,6 @@ def train_selecting_subcenters(*, candidates: Sequence[int], config: Config, che
         model, rep = train_classifier(config=cfg, log=log,
                                       checkpoint_dir=None if checkpoint_dir is None else checkpoint_dir / f"subcenters-{k}",
                                       **train_args)
-        if rep.n_val == 0:
-            raise ConfigError("train.select_subcenters needs validation rows: pass build-index --val-queries DIR or "
-                              "set train.val_fraction above 0")
         scores[k], seconds[k] = rep.val_lr1, rep.seconds
         log(f"sub-centres K = {k}: {rep.validation} LR@1 {rep.val_lr1:.3f} ({rep.seconds:.1f} s)")
         if chosen is None or rep.val_lr1 > chosen[1].val_lr1:  # ties keep the smaller K

@@ -312,3 +312,10 @@ def test_subcenter_selection_needs_validation_rows():
     with pytest.raises(ConfigError, match="val-queries"):
         train_selecting_subcenters(candidates=[1, 2], config=cfg, features=feats, labels=labels, lat=rec.lat,
                                    lon=rec.lon, table=table)
+    # too few images for a held-out row: K stays head.subcenters (one training), no error
+    few = np.full(len(labels), -1)
+    few[np.flatnonzero(labels >= 0)[:1]] = labels[labels >= 0][0]
+    cfg = _recipe_cfg(train__epochs=1, train__val_fraction=0.1)
+    model, rep = train_selecting_subcenters(candidates=[1, 4], config=cfg, features=feats, labels=few, lat=rec.lat,
+                                            lon=rec.lon, table=table)
+    assert rep.subcenters == cfg.head.subcenters == 2 and rep.subcenter_val_lr1 == {} and rep.n_val == 0
