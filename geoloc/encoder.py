@@ -304,6 +304,9 @@ class Encoder:
         """Pooled features ``[B, F]`` (``[B, F + F2]`` with a second backbone) -> the index's query
         vectors ``[B, dim]`` float32, L2-normalised (:meth:`DescriptorLayout.queries`)."""
         f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        if self.second is not None and (f.dim() != 2 or f.shape[1] != self.feature_dim):
+            raise ValueError(f"expected [B, {self.feature_dim}] features (this bundle's backbone, then its second "
+                             f"backbone's), got {tuple(f.shape)}")
         if self._weight is None:
             return F.normalize(f, dim=-1).numpy()
         with torch.inference_mode():
