@@ -169,3 +169,15 @@ def test_layout_vectors_are_unit_and_keep_the_two_cosines():
     assert same.dim == 4 and same.score_scale == 1 and np.array_equal(same.queries(u, None), u.astype(np.float32))
     with pytest.raises(BundleError, match="rebuild"):
         DescriptorLayout.from_manifest({"descriptor_dim": 9, "stats": {"descriptor": lay.to_json()}})
+
+
+def test_a_sharded_pooled_bundle_answers_like_the_unsharded_one(bundles, city):
+    cfg = load_config(TINY_CONFIG, [*COMMON, "index.descriptor=pooled", "index.shards=2"])
+    rep = build_index(database=city / "ds", out=city / "pooled-sharded", config=cfg, progress=False,
+                      val_queries=city / "val")
+    imgs = _queries(city)
+    one, two = Localizer.load(bundles["pooled"]), Localizer.load(rep.out)
+    for mode in ("classify", "retrieve", "hybrid"):
+        a, b = one.localize(imgs, mode=mode), two.localize(imgs, mode=mode)
+        assert [p.candidate_ids for p in a] == [p.candidate_ids for p in b], mode
+        np.testing.assert_allclose([p.candidate_scores for p in a], [p.candidate_scores for p in b], atol=1e-5)
