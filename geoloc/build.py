@@ -52,6 +52,8 @@ class BuildReport:
     reused_feature_chunks: int
     timings_s: dict[str, float] = field(default_factory=dict)
     train: TrainReport | None = None
+    descriptor: str = "projected"
+    """What the index retrieves by (``index.descriptor``)."""
 
 
 def work_dir(out: Path) -> Path:
@@ -268,4 +270,5 @@ def _build(*, database: str | Path, out: Path, config: Config, progress: bool,
     return BuildReport(out=out, images_used=len(good), images_skipped=len(skipped), cells=len(table),
                        groups=table.n_groups, images_in_dropped_cells=int((labels < 0).sum()),
                        descriptor_dim=int(desc.shape[1]), feature_dim=int(features.shape[1]),
-                       reused_feature_chunks=ext.reused_chunks, timings_s=timings, train=train_report)
+                       reused_feature_chunks=ext.reused_chunks, timings_s=timings, train=train_report,
+                       descriptor=layout.kind)

@@ -264,6 +264,10 @@ def build_index_cmd(
     if rep.train and rep.train.history:
         last = rep.train.history[-1]
         t.add_row("train: final loss / held-out LR@1", f"{last['loss']:.4f} / {last['val_lr@1']:.3f}")
+    if rep.train and rep.train.subcenter_val_lr1:
+        by_k = ", ".join(f"{k}: {v:.3f}" for k, v in rep.train.subcenter_val_lr1.items())
+        t.add_row("train: sub-centres K selected", f"{rep.train.subcenters} ({rep.train.validation} LR@1 by K: {by_k})")
+    t.add_row("retrieval descriptor", rep.descriptor)
     out.print(t)
     if rep.images_skipped:
         err.print(f"skipped {rep.images_skipped} unreadable images; reasons in {rep.out / 'skipped.json'}",
