@@ -281,6 +281,6 @@ def embed_queries(loc: Localizer, queries: Records, *, batch_size: int = 16,
                 skipped.append((queries.paths[i], err.problem))
         if progress:
             progress(rows.stop, len(queries))
-    dim = loc.backbone.feature_dim
+    dim = loc.encoder.feature_dim
     features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
     return QueryFeatures(queries.subset(ok), features, skipped, decode_ms, backbone_ms)
