@@ -47,10 +47,11 @@ separate them (both may do better on real descriptors, which are far more cluste
 gains nothing over ``flat`` here (FAISS's 8-bit inner-product scan is not faster than the float
 one on this CPU).
 
-**Code size of ``pqfs`` (``pqfs_m`` default D/2), at 10^6 rows.** ``python
-benchmarks/pqfs_params.py --size 1000000`` (hard model with the demo bundle's cosines, 42,696
-cells, 384-d, 1,024 queries; batch 1, one FAISS thread; recall = the exact nearest row's cell among
-the scorer's 5 cells, i.e. hybrid k=5 against exact search; exact scoring gives 0.978):
+**Code size of ``pqfs`` (``pqfs_m`` default D/2), at 10^6 rows.** The computation of ``python
+benchmarks/pqfs_params.py --size 1000000`` (run as a script before it was packaged there; hard
+model with the demo bundle's cosines, 42,696 cells, 384-d, 1,024 queries; batch 1, one FAISS
+thread; recall = the exact nearest row's cell among the scorer's 5 cells, i.e. hybrid k=5 against
+exact search; exact scoring gives 0.978):
 
 =============  =========  ===========  ===========  =========
 pqfs           m=192 x8   m=96 x8      m=96 x16     m=48 x16
