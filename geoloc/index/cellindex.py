@@ -319,7 +319,8 @@ class CellIndex:
             ShardSet.drop_pages(paths)
         self._shards = ShardSet.load(folder, main=self._ivf, blas_min_batch=int(self._config.retrieve_blas_min_batch),
                                      mmap=True)
-        self._sizes = None
+        # list sizes now, not in the next search: one SWIG call per list (~0.1 s at 10^5 cells, no disk read)
+        self._sizes = self._shards.list_sizes()
 
     def shards_touched(self, lists: np.ndarray) -> np.ndarray:
         """``[B]`` int64 shards searched for the lists ``[B, W]`` (a hybrid result's ``lists``); 1 per
