@@ -32,6 +32,9 @@ Layout (shapes: ``N`` database vectors, ``D`` dims, ``C`` cells, ``P >= C`` prot
   and the cell scoring run on GPU 0 with the CPU path's answers.
 * **Files** (:mod:`geoloc.index.io`): ``index.faiss``, ``cell_neighbours.npy``,
   ``prototype_cells.npy`` (only with several prototypes per cell). No pickle.
+* **Shards** (:mod:`geoloc.index.shards`, ``index.shards > 1``): the lists in one FAISS file per
+  geographic shard (``shard-NNNN.faiss``, owner table ``shard_cells.npy``), memory-mapped and
+  chained without copying; answers equal the unsharded index's (``docs/sharding.md``).
 
 Where this sits in the engine: ``docs/architecture.md``.
 """
