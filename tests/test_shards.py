@@ -162,6 +162,17 @@ def test_resaving_unsharded_removes_shard_files(data, tmp_path):
     assert CellIndex.load(tmp_path, config=_cfg()).shards is None
 
 
+def test_resaving_leaves_files_it_did_not_write(data, tmp_path):
+    mine = [tmp_path / "shard-notes.faiss", tmp_path / "shard-7.faiss"]
+    for p in mine:
+        p.write_bytes(b"user data")
+    _build(data, shards=3).save(tmp_path)
+    _build(data, shards=2).save(tmp_path)
+    assert not (tmp_path / shard_file(2)).exists() and (tmp_path / shard_file(1)).exists()
+    _build(data).save(tmp_path)
+    assert [p.read_bytes() for p in mine] == [b"user data"] * 2
+
+
 # -- the bundle --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

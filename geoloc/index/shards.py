@@ -181,9 +181,11 @@ def save_sharded_main(folder: Path, *, quantizer: faiss.Index, template: faiss.I
 
 
 def _remove_stale(folder: Path, keep: int) -> None:
+    """Remove shard files numbered ``keep`` and up that an earlier save of an index left in
+    ``folder``; only names of the exact form :func:`shard_file` writes are touched."""
     for p in Path(folder).glob("shard-*.faiss"):
         stem = p.name[len("shard-"):-len(".faiss")]
-        if not stem.isdigit() or int(stem) >= keep:
+        if stem.isdigit() and len(stem) >= 4 and p.name == shard_file(int(stem)) and int(stem) >= keep:
             p.unlink()
 
 
