@@ -2,7 +2,8 @@
 
     python benchmarks/scale.py --size 100000000 [--dim 384] [--codec pq] [--pq-m 8] [--shards 64]
         [--workers 1 2] [--slice-shards 4] [--queries 64] [--cold-queries 8] [--work DIR]
-        [--out runs/bench/scale.json] [--no-ray] [--no-reference]
+        [--out runs/bench/scale.json] [--no-ray] [--no-reference] [--extract-rate IMG_PER_S_PER_CORE]
+    python benchmarks/scale.py --extrapolate-from runs/bench/scale.json [--cores-per-machine 16] ...
 
 Data: :class:`geoloc.bench.synthetic.ChunkedCellData` (``--data hard``: the generator of
 ``make_cell_data``, chunk by chunk; chunk ``j`` is regenerated identically anywhere from its seed).
@@ -28,7 +29,12 @@ Steps, each timed:
    index; answers compared (all modes, fused hybrid) and hybrid latency side by side (the 1.1x
    target of the sharded, memory-mapped index with a warm cache).
 6. EXTRAPOLATION (labelled as such): build time and serving cost of 10^8 images on N machines,
-   from the measured rates.
+   from the measured rates: descriptor extraction at the per-core rate ``benchmarks/ray_scaling.py``
+   measured (``runs/bench/ray_scaling.json``, or ``--extract-rate``), shard building, disk and RAM
+   per machine, latency and queries/s. ``--extrapolate-from`` recomputes it from a saved report.
+
+``--work`` must be new, empty or a folder an earlier run made (it holds a marker file): the script
+deletes only what it wrote.
 
 ``--size 100000`` is a smoke test of seconds (``tests/test_shards.py``).
 """
@@ -167,8 +173,38 @@ def same_answers(a: CellIndex, b: CellIndex, xq: np.ndarray, n_retrieve: int) ->
     return checks
 
 
-def extrapolate(rep: dict, *, target: int, cores: int, ram_gb: float) -> dict:
-    """EXTRAPOLATION to ``target`` images from the measured rates (the formulas are in the output)."""
+MARKER = ".geoloc-scale-work"
+
+
+def work_folder(folder: Path) -> Path:
+    """An empty work folder: created here, or one an earlier run of this script made (it holds
+    :data:`MARKER`), emptied. Any other existing folder with files in it is refused (SystemExit,
+    one line): the script deletes only what it wrote."""
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MARKER).is_file():
+            raise SystemExit(f"scale.py: --work {folder} exists and was not made by this script; "
+                             "give a new or empty folder")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("work folder of benchmarks/scale.py; removed at the end unless --keep\n")
+    return folder
+
+
+def measured_extraction_rate(path: Path = Path("runs/bench/ray_scaling.json")) -> float | None:
+    """Images/s per worker (one CPU core each) of descriptor extraction, as measured by
+    ``benchmarks/ray_scaling.py`` on this machine (its best steady rate per worker), or None."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+        return max(r["steady"] / r["workers"] for r in rows if r.get("engine") == "ray")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def extrapolate(rep: dict, *, target: int, cores: int, ram_gb: float, extract_rate: float | None = None) -> dict:
+    """EXTRAPOLATION to ``target`` images from the measured rates (the formulas are in the output).
+
+    ``extract_rate``: images/s per core of descriptor extraction (the backbone), or None to leave
+    extraction out of the build time."""
     n = rep["size"]
     per_worker = rep["build"]["rows_per_s_per_worker"]
     w_max = max(per_worker, key=int)
@@ -184,18 +220,23 @@ def extrapolate(rep: dict, *, target: int, cores: int, ram_gb: float) -> dict:
     rows = []
     for m in (1, 2, 4, 8, 16, 32):
         build_s = target / (per_worker["1"] * eff * cores * m)
+        extract_s = target / (extract_rate * cores * m) if extract_rate else None
         ram_per = (shard_bytes / m + scorer_bytes) / 2**30  # shards split across machines, scorer on each
         warm = ram_per <= ram_gb * 0.8
         ms = cells_ms + search_ms + (0.0 if warm else cold_extra)
-        rows.append({"machines": m, "build_hours": build_s / 3600, "disk_gb_per_machine": shard_bytes / m / 2**30,
+        rows.append({"machines": m, "build_hours": build_s / 3600,
+                     "extract_hours": None if extract_s is None else extract_s / 3600, "disk_gb_per_machine": shard_bytes / m / 2**30,
                      "ram_gb_per_machine_for_warm_cache": ram_per, "page_cache_warm": warm,
                      "hybrid_ms_per_query": ms, "qps_capacity": m * cores * 1000.0 / ms})
     return {
         "label": f"EXTRAPOLATION from measured rates at {n} vectors to {target} (not measured)",
         "assumptions": {"cores_per_machine": cores, "ram_gb_per_machine": ram_gb,
                         "build_scaling_efficiency_per_core": eff,
-                        "build": "target / (rows/s of 1 worker x efficiency x cores x machines); descriptor "
-                                 "extraction (the backbone) is not included",
+                        "build": "target / (rows/s of 1 worker x efficiency x cores x machines): encoding and "
+                                 "writing the shards from descriptors",
+                        "extract_images_per_s_per_core": extract_rate,
+                        "extract": "target / (images/s per core x cores x machines): descriptor extraction on "
+                                   "CPU cores at the rate benchmarks/ray_scaling.py measured (None: not given)",
                         "latency": "cell scoring time x (target / size) + list search time (constant: same rows per cell)"
                                    " + the measured cold-cache penalty when the shards exceed 80% of RAM",
                         "qps": "machines x cores x 1000 / latency (one query per core at a time)"},
@@ -204,10 +245,11 @@ def extrapolate(rep: dict, *, target: int, cores: int, ram_gb: float) -> dict:
 
 
 def table(ex: dict) -> str:
-    head = f"{ex['label']}\n{'machines':>8} {'build h':>9} {'disk GB/m':>10} {'RAM GB/m':>9} {'warm':>5} {'ms/query':>9} {'QPS':>9}"
+    head = f"{ex['label']}\n{'machines':>8} {'extract h':>10} {'build h':>9} {'disk GB/m':>10} {'RAM GB/m':>9} {'warm':>5} {'ms/query':>9} {'QPS':>9}"
     lines = [head]
     for r in ex["rows"]:
-        lines.append(f"{r['machines']:>8} {r['build_hours']:>9.2f} {r['disk_gb_per_machine']:>10.1f} "
+        ext = "-" if r.get("extract_hours") is None else f"{r['extract_hours']:.0f}"
+        lines.append(f"{r['machines']:>8} {ext:>10} {r['build_hours']:>9.2f} {r['disk_gb_per_machine']:>10.1f} "
                      f"{r['ram_gb_per_machine_for_warm_cache']:>9.1f} {str(r['page_cache_warm']):>5} "
                      f"{r['hybrid_ms_per_query']:>9.2f} {r['qps_capacity']:>9.0f}")
     return "\n".join(lines)
@@ -236,7 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("runs/bench/scale_index"))
     ap.add_argument("--keep", action="store_true", help="keep the index folder")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/scale.json"))
+    ap.add_argument("--extract-rate", type=float, default=None,
+                    help="images/s per core of descriptor extraction for the extrapolation (default: the "
+                         "per-worker rate in runs/bench/ray_scaling.json, if present)")
+    ap.add_argument("--extrapolate-from", type=Path, default=None, metavar="JSON",
+                    help="only recompute the extrapolation of an earlier run's JSON (written back to --out)")
     args = ap.parse_args(argv)
+    extract_rate = args.extract_rate or measured_extraction_rate()
+    if args.extrapolate_from is not None:
+        rep = json.loads(args.extrapolate_from.read_text())
+        rep["extrapolation"] = extrapolate(rep, target=args.target, cores=args.cores_per_machine,
+                                           ram_gb=args.ram_gb_per_machine, extract_rate=extract_rate)
+        emit(rep, args.out)
+        print(table(rep["extrapolation"]))
+        return 0
     use_ray = not args.no_ray
     workers = [1] if args.no_ray else sorted(set(args.workers))
     t_all = time.perf_counter()
@@ -254,10 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                       [min(hi * chunk_cells, gen.n_cells) - lo * chunk_cells for lo, hi in bounds])
     log(f"{args.size} vectors x {args.dim}, {gen.n_cells} cells, {nc} chunks of {chunk_cells} cells, {s} shards, "
         f"codec {args.codec}" + (f" m={args.pq_m}" if args.codec == "pq" else ""))
-    folder = args.work
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder = work_folder(args.work)
 
     # 1. codec
     t0 = time.perf_counter()
@@ -380,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     rep["peak_rss_bytes"] = peak_rss_bytes()
     rep["total_s"] = time.perf_counter() - t_all
     rep["extrapolation"] = extrapolate(rep, target=args.target, cores=args.cores_per_machine,
-                                       ram_gb=args.ram_gb_per_machine)
+                                       ram_gb=args.ram_gb_per_machine, extract_rate=extract_rate)
     emit(rep, args.out)
     print(table(rep["extrapolation"]))
     del idx

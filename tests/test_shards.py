@@ -260,3 +260,20 @@ def test_scale_benchmark_smoke(tmp_path):
     assert rep["size"] == 20000 and rep["shards"] == 4 and rep["disk_bytes"] > 0
     assert rep["equal_to_in_memory"] is True and rep["latency_ms"]["warm"]["hybrid"] > 0
     assert "extrapolation" in rep and rep["extrapolation"]["label"].startswith("EXTRAPOLATION")
+    assert not (tmp_path / "work").exists()  # its own work folder is removed at the end
+
+    # the extrapolation alone, from the saved report, with extraction at a given rate
+    again = tmp_path / "again.json"
+    assert scale.main(["--extrapolate-from", str(out), "--extract-rate", "10", "--cores-per-machine", "4",
+                       "--out", str(again)]) == 0
+    rows = json.loads(again.read_text())["extrapolation"]["rows"]
+    assert rows[0]["machines"] == 1 and rows[0]["extract_hours"] == pytest.approx(1e8 / (10 * 4) / 3600)
+    assert rows[1]["extract_hours"] == pytest.approx(rows[0]["extract_hours"] / 2)
+
+    # a --work folder it did not make is refused, and left as it was
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("user data")
+    with pytest.raises(SystemExit, match="not made by this script"):
+        scale.main(["--size", "20000", "--dim", "32", "--no-ray", "--work", str(theirs), "--out", str(out)])
+    assert (theirs / "keep.txt").read_text() == "user data"
