@@ -246,8 +246,9 @@ class TrainConfig(_Section):
     """Augmented views per database image whose features join training (photometric + crop; extracted once, cached)."""
     select_fusion: bool = setting(True)
     """With --val-queries: choose query.fusion_weight on them at build time (stored in the bundle)."""
-    select_subcenters: str = setting("", Text(empty_ok=True, max_len=64, pattern=r"[0-9]{1,2}( *, *[0-9]{1,2})*",
-                                              pattern_doc="comma-separated numbers of sub-centres, e.g. 1,2,4"))
+    select_subcenters: str = setting("", Text(empty_ok=True, max_len=64,
+                                              pattern=r"(6[0-4]|[1-5][0-9]|[1-9])( *, *(6[0-4]|[1-5][0-9]|[1-9]))*",
+                                              pattern_doc="comma-separated numbers of sub-centres 1-64, e.g. 1,2,4"))
     """Candidate K, e.g. '1,2,4': one head set is trained per K on the shared feature cache and the one with the
     best validation LR@1 (--val-queries, else the held-out split) is kept; empty: head.subcenters."""
 
