@@ -44,14 +44,19 @@ def cells_of_sizes(draw, n: int) -> np.ndarray:
         s = draw()
         sizes.append(s)
         total += int(s.sum())
-    sizes = np.concatenate(sizes)
+    sizes = cut_sizes(np.concatenate(sizes), n)
+    return np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+
+
+def cut_sizes(sizes: np.ndarray, n: int) -> np.ndarray:
+    """The leading cell sizes ``[c]`` of ``sizes`` (positive int64, summing to at least ``n``) with
+    the last one cut so they sum to exactly ``n``."""
     cum = np.cumsum(sizes)
     c = int(np.searchsorted(cum, n) + 1)
     sizes = sizes[:c].copy()
     sizes[-1] -= int(cum[c - 1] - n)
-    if sizes[-1] <= 0:
-        sizes, c = sizes[:-1], c - 1
-    return np.repeat(np.arange(c, dtype=np.int64), sizes)
+    return sizes[:-1] if sizes[-1] <= 0 else sizes
+
 
 def normalise(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation, in place when float32; ``[n, D]`` -> ``[n, D]`` float32."""
@@ -225,12 +230,8 @@ class ChunkedCellData:
         sigma = 0.9
         mu = np.log(mean_cell) - sigma ** 2 / 2
         sizes = np.clip(rng.lognormal(mu, sigma, size=int(2 * n / mean_cell) + 4096), 10, 400).astype(np.int64)
-        cum = np.cumsum(sizes)
-        c = int(np.searchsorted(cum, n) + 1)
-        sizes = sizes[:c].copy()
-        sizes[-1] -= int(cum[c - 1] - n)
-        if sizes[-1] <= 0:
-            sizes, c = sizes[:-1], c - 1
+        sizes = cut_sizes(sizes, n)
+        c = len(sizes)
         self.sizes, self.n_cells, self.n = sizes, c, n
         self.starts = np.r_[0, np.cumsum(sizes)]
         side = int(np.ceil(np.sqrt(c)))
