@@ -29,7 +29,7 @@ from geoloc.index.gpu import GpuMirror, gpu_available
 from geoloc.index.io import load_index, save_index
 from geoloc.index.result import SearchResult, SearchTimes
 from geoloc.index.retrieve import FlatView, ListScan, RefineStore
-from geoloc.index.shards import SHARD_CELLS_FILE, ShardSet, plan_shards
+from geoloc.index.shards import ShardSet, plan_shards
 from geoloc.index.scorers import (
     SCORERS,
     PrototypeCells,
@@ -184,6 +184,9 @@ class CellIndex:
         if wanted is not stored:
             # an empty new quantizer is trained and filled with the stored prototypes
             ivf_tools.replace_ivf_quantizer(ivf, wanted.empty_for(int(ivf.d), config, int(ivf.quantizer.ntotal)))
+        shards = ShardSet.load(folder, main=faiss.downcast_index(ivf), blas_min_batch=int(config.retrieve_blas_min_batch),
+                               mmap=bool(getattr(config, "mmap", True)))
+        rows = shards.ntotal if shards is not None else int(ivf.ntotal)
         refine = None
         rpath = Path(folder) / cls.REFINE_FILE
         if rpath.is_file():
@@ -191,13 +194,9 @@ class CellIndex:
                 refine = RefineStore(faiss.read_index(str(rpath)))
             except (RuntimeError, MemoryError):
                 raise BundleError(f"{rpath}: re-ranking store is truncated or corrupt; rebuild the bundle") from None
-            if (refine.index.ntotal != ivf.ntotal and not (Path(folder) / SHARD_CELLS_FILE).exists()) or refine.index.d != ivf.d:
+            if refine.index.ntotal != rows or refine.index.d != ivf.d:
                 raise BundleError(f"{rpath}: holds {refine.index.ntotal} rows of {refine.index.d} dims but the lists hold "
-                                  f"{ivf.ntotal} of {ivf.d}; rebuild the bundle")
-        shards = ShardSet.load(folder, main=faiss.downcast_index(ivf), blas_min_batch=int(config.retrieve_blas_min_batch),
-                               mmap=bool(getattr(config, "mmap", True)))
-        if shards is not None and refine is not None and refine.index.ntotal != shards.ntotal:
-            raise BundleError(f"{rpath}: holds {refine.index.ntotal} rows but the shards hold {shards.ntotal}; rebuild the bundle")
+                                  f"{rows} of {ivf.d}; rebuild the bundle")
         return cls(ivf, neighbours=neighbours, config=config, prototype_cells=prototype_cells, refine=refine,
                    shards=shards)
 
