@@ -530,6 +530,13 @@ class CellIndex:
     def _list_scores(self, queries: np.ndarray, lists: np.ndarray, cs: np.ndarray, ci: np.ndarray) -> np.ndarray:
         """Cell score of every searched list ``[B, W]``: the scored top cells' own scores, exact
         scores (best cosine over the cell's prototypes) for ring cells that were not scored."""
+        if len(lists) == 1:  # one query: the same values from a dict of the top cells' scores
+            top = {c: s for c, s in zip(ci[0].tolist(), cs[0].tolist(), strict=True) if c >= 0}
+            row = lists[0].tolist()
+            ask = [-1 if c in top else c for c in row]
+            rest = (self._cells.exact_scores(queries, np.array([ask], dtype=np.int64), self._scorer.prototypes())[0].tolist()
+                    if max(ask) >= 0 else [-np.inf] * len(row))
+            return np.array([[top[c] if c in top else rest[j] for j, c in enumerate(row)]], dtype=np.float32)
         hit = (lists[:, :, None] == ci[:, None, :]) & (lists[:, :, None] >= 0)  # [B, W, Kc]
         found = hit.any(axis=2)
         from_top = np.take_along_axis(cs, hit.argmax(axis=2), axis=1)

@@ -299,7 +299,13 @@ def _dedup_rows_vectorised(lists: np.ndarray, max_width: int) -> np.ndarray:
 
 
 def ring_lists(cell_ids: np.ndarray, neighbours: np.ndarray, n_cells: int) -> np.ndarray:
-    """Top cells ``[B, Kc]`` and their rings of 8 (``neighbours`` ``[C, 8]``) -> distinct lists ``[B, W]``."""
+    """Top cells ``[B, Kc]`` and their rings of 8 (``neighbours`` ``[C, 8]``) -> distinct lists ``[B, W]``:
+    each row's top cells first, then their rings in order, repeats and -1 dropped."""
+    if len(cell_ids) == 1:  # one query: the same order from Python lists, without the [B, Kc, 8] arrays
+        top = [c for c in cell_ids[0].tolist() if c >= 0]
+        ring = neighbours[top].ravel().tolist() if top else []
+        keep = list(dict.fromkeys(c for c in top + ring if c >= 0))[:n_cells]
+        return np.array([keep or [-1]], dtype=np.int64)
     ring = np.where(cell_ids[:, :, None] >= 0, neighbours[np.maximum(cell_ids, 0)], -1)
     return dedup_rows(np.concatenate([cell_ids, ring.reshape(len(cell_ids), -1)], axis=1), n_cells)
 
@@ -356,8 +362,12 @@ def search_fused(index: faiss.Index, queries: np.ndarray, lists: np.ndarray, bon
     b, w = lists.shape
     rep = np.repeat(np.ascontiguousarray(queries, dtype=np.float32), w, axis=0)
     s, i = search_preassigned(index, rep, lists.reshape(-1, 1), k)
-    fused = (s.reshape(b, w, k) + bonus[:, :, None].astype(np.float32)).reshape(b, w * k)
+    fused = (s.reshape(b, w, k) + bonus.astype(np.float32, copy=False)[:, :, None]).reshape(b, w * k)
     i = i.reshape(b, w * k)
     fused[i < 0] = -np.inf
+    if b == 1:  # one query: 1-D sort and indexing (no [B, k] index arrays)
+        top = np.argsort(-fused[0], kind="stable")[:k]
+        return fused[:, top], i[:, top]
     top = np.argsort(-fused, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(fused, top, axis=1), np.take_along_axis(i, top, axis=1)
+    row = np.arange(b)[:, None]  # plain fancy indexing: take_along_axis costs microseconds of Python per call
+    return fused[row, top], i[row, top]

@@ -524,6 +524,27 @@ class PrototypeCells:
         """
         if self.identity:
             return scores, ids
+        if len(ids) == 1:
+            return self._top_cells_one(scores, ids, k)
+        return self._top_cells_vectorised(scores, ids, k)
+
+    def _top_cells_one(self, scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`top_cells` of one query (the usual engine call): a dict keeps each cell's first
+        (best) shortlist position; a handful of numpy calls instead of two dozen."""
+        first: dict[int, int] = {}
+        for j, (row, cell) in enumerate(zip(ids[0].tolist(), self.cells[np.maximum(ids[0], 0)].tolist(), strict=True)):
+            if row >= 0 and cell not in first:
+                first[cell] = j
+                if len(first) == k:
+                    break
+        out_ids = np.full((1, k), -1, dtype=np.int64)
+        out_scores = np.full((1, k), -np.inf, dtype=np.float32)
+        out_ids[0, : len(first)] = list(first)
+        out_scores[0, : len(first)] = scores[0, list(first.values())]
+        return out_scores, out_ids
+
+    def _top_cells_vectorised(self, scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`top_cells` for any batch (the reference the one-query path is tested against)."""
         cells = np.where(ids >= 0, self.cells[np.maximum(ids, 0)], -1)
         pos = distinct_positions(cells)[:, :k]
         if pos.shape[1] < k:
@@ -544,12 +565,17 @@ class PrototypeCells:
         """
         b, w = cells.shape
         out = np.full((b, w), -np.inf, dtype=np.float32)
-        if not cells.size:
+        if b == 1:  # one query: its asked cells' prototypes against the one query vector
+            wi = np.flatnonzero(cells[0] >= 0)
+            r = self.table[cells[0, wi]]  # [n, K]
+            sims = np.einsum("nkd,d->nk", prototypes[np.maximum(r, 0)], queries[0])
+            out[0, wi] = (sims if self.per_cell == 1 else np.where(r >= 0, sims, -np.inf)).max(axis=1)
             return out
-        rows = np.where(cells[:, :, None] >= 0, self.table[np.maximum(cells, 0)], -1)  # [B, W, K]
-        step = max(1, (1 << 22) // max(1, w * self.per_cell * prototypes.shape[1]))
-        for i in range(0, b, step):
-            r = rows[i:i + step]
-            sims = np.einsum("bwkd,bd->bwk", prototypes[np.maximum(r, 0)], queries[i:i + step])
-            out[i:i + step] = np.where(r >= 0, sims, -np.inf).max(axis=2)
+        qi, wi = np.nonzero(cells >= 0)  # only the (query, cell) pairs asked for are gathered
+        rows = self.table[cells[qi, wi]]  # [n, K]
+        step = max(1, (1 << 22) // max(1, self.per_cell * prototypes.shape[1]))
+        for i in range(0, len(qi), step):
+            r, q = rows[i:i + step], qi[i:i + step]
+            sims = np.einsum("nkd,nd->nk", prototypes[np.maximum(r, 0)], queries[q])
+            out[q, wi[i:i + step]] = np.where(r >= 0, sims, -np.inf).max(axis=1)
         return out
