@@ -41,8 +41,7 @@ WIDE_K = (50, 100)
 def wide_hybrid_rows(rl: RowLog, gt1: np.ndarray) -> None:
     """Hybrid with the exact (flat) scorer at the larger ``WIDE_K`` top cells (batch 1)."""
     d = rl.data
-    idx = CellIndex.build(descriptors=d.xb, cells=d.cells, prototypes=d.prototypes, neighbours=d.neighbours,
-                          config=IndexConfig(quantizer="flat", use_gpu=False))
+    idx = CellIndex.build(**d.index_arrays(), config=IndexConfig(quantizer="flat", use_gpu=False))
     for kc in WIDE_K:
         if kc > idx.nlist:
             continue
@@ -57,8 +56,7 @@ def geo_accuracy(real: CellData, info: dict, threshold_m: float = 25.0) -> dict:
     """Share of real queries whose top-1 answer lies within ``threshold_m`` of the true position:
     exact search, hybrid (flat scorer) at k = 1, 5, 20, 50 (with and without neighbour rings), HNSW32."""
     d = real
-    idx = CellIndex.build(descriptors=d.xb, cells=d.cells, prototypes=d.prototypes, neighbours=d.neighbours,
-                          config=IndexConfig(quantizer="flat", use_gpu=False))
+    idx = CellIndex.build(**d.index_arrays(), config=IndexConfig(quantizer="flat", use_gpu=False))
     pos, qpos = info["db_positions"], info["query_positions"]
 
     def ok(ids: np.ndarray) -> float:
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cache = args.out.with_suffix(".queries.npz")
     real, twin, calib, info = bundle_twin_data(args.bundle, cache=cache)
-    log(f"real: {len(real.xb)} rows, {len(real.prototypes)} cells, {len(real.xq)} queries from {info['query_source']}")
+    log(f"real: {len(real.xb)} rows, {real.n_cells} cells ({len(real.prototypes)} prototypes), {len(real.xq)} queries from {info['query_source']}")
     log(f"calibration: {json.dumps(realistic_summary(calib))}, query_noise {calib['query_noise']:.3f}")
     stats = {"real": query_stats(real, info["real_query_cells"]), "twin": query_stats(twin)}
     stats["real_geo_top1_within_25m"] = geo_accuracy(real, info)

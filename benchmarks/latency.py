@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bundle:  # real queries (the bundle's query photos, else a held-out tenth), calibration, twin
         bundle, twin, calib, qinfo = bundle_twin_data(args.bundle, cache=args.out.with_suffix(".queries.npz"))
         intra, inter = measure_cosines(bundle.xb, bundle.cells)
-        mean_cell = len(bundle.xb) / len(bundle.prototypes)
+        mean_cell = len(bundle.xb) / bundle.n_cells
         calibration = f"measured on {args.bundle}; queries: {qinfo['query_source']}"
     log(f"generator: intra-cell cos {intra:.3f}, inter-cell cos {inter:.3f}, mean cell {mean_cell:.1f} ({calibration})")
     gen = {"nq": nq, "intra": intra, "inter": inter, "mean_cell": mean_cell}

@@ -148,3 +148,28 @@ def test_look_alike_scenes_and_query_fidelity():
         return float((np.argmax(d.xq @ d.prototypes.T, axis=1) == d.params["query_cells"]).mean())
     shifted = make_realistic_data(4000, dict(c0, query_centre_fidelity=0.2), nq=200, seed=3)
     assert own_first(shifted) < own_first(base) - 0.1
+
+
+def test_latency_rows_with_several_prototypes_per_cell():
+    """A real bundle has K sub-centres per cell (the demo K = 4): the rows, the classify and hybrid
+    recall and the calibration statistics count cells, not prototypes (this crashed on such a bundle)."""
+    from dataclasses import replace
+
+    from geoloc.bench.calibration import query_stats
+    base = make_cell_data(3000, 32, nq=64, seed=1)
+    rng = np.random.default_rng(0)
+    pc = np.repeat(np.arange(len(base.prototypes)), 3)
+    protos = base.prototypes[pc] + 0.05 * rng.standard_normal((len(pc), 32)).astype(np.float32)
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    data = replace(base, prototypes=protos, prototype_cells=pc)
+    assert data.n_cells == len(base.prototypes)
+    scores = data.cell_scores(data.xq)
+    assert scores.shape == (len(data.xq), data.n_cells)
+    np.testing.assert_allclose(scores[:, 7], (data.xq @ protos[pc == 7].T).max(1), atol=1e-6)
+    log = RowLog(data, "bundle", bandwidth=1e10, budget_s=0.005)
+    engine_rows(log, batches=[1], quick=True, scorers=("flat",))
+    assert {r["n_cells"] for r in log.rows} == {data.n_cells}
+    classify = [r for r in log.rows if r["mode"] == "classify"]
+    assert classify and all(r["recall_vs_flat"] > 0.5 for r in classify)
+    s = query_stats(data, ks=(1, 5), db_rows=200)
+    assert s["n_cells"] == data.n_cells and 0 < s["nn_cell_in_top_1"] <= s["nn_cell_in_top_5"] <= 1

@@ -28,7 +28,7 @@ from geoloc.bench.realistic import (
     fit_views,
     make_realistic_data,
 )
-from geoloc.bench.synthetic import CellData
+from geoloc.bench.synthetic import CellData, bundle_prototype_cells
 
 __all__ = ["bundle_queries", "bundle_twin_data", "query_stats"]
 
@@ -112,10 +112,10 @@ def query_stats(data: CellData, query_cells: np.ndarray | None = None, *, ks: tu
         s = xq[i:i + 256] @ xb.T
         nn[i:i + 256] = s.argmax(1)
         qnn[i:i + 256] = s.max(1)
-    order = np.argsort(-(xq @ data.prototypes.T), axis=1)[:, :max(ks)]
+    order = np.argsort(-data.cell_scores(xq), axis=1)[:, :max(ks)]
     nn_cell = cells[nn]
     ringed = np.concatenate([np.arange(len(nb))[:, None], nb], axis=1)  # [C, 9]
-    out = {"queries": len(xq), "db_size": len(xb), "n_cells": len(data.prototypes), "query_nn_cos": float(qnn.mean())}
+    out = {"queries": len(xq), "db_size": len(xb), "n_cells": data.n_cells, "query_nn_cos": float(qnn.mean())}
     for k in ks:
         top = order[:, :k]
         out[f"nn_cell_in_top_{k}"] = float((top == nn_cell[:, None]).any(1).mean())
@@ -173,7 +173,8 @@ def bundle_twin_data(folder: Path, *, cache: Path | None = None, seed: int = 7) 
     qnn = sum(float(np.max(q["xq"][i:i + 256] @ xb.T, axis=1).sum()) for i in range(0, len(q["xq"]), 256)) / len(q["xq"])
     calib["query_view_fidelity"] = fit_query_view_fidelity(calib, len(xb), qnn)
     calib["fit_targets"] = {"real_true_cell_top1_by_means": top1, "real_query_nn_cos": qnn}
-    real = CellData(xb, cells, idx.prototypes(), nb, q["xq"], {"bundle": str(folder), "queries": q["source"]})
+    real = CellData(xb, cells, idx.prototypes(), nb, q["xq"], {"bundle": str(folder), "queries": q["source"]},
+                    bundle_prototype_cells(idx))
     twin = make_realistic_data(len(xb), calib, nq=len(q["xq"]), query_noise=calib["query_noise"], seed=seed)
     return real, twin, calib, {"query_source": q["source"], "real_query_cells": q["query_cells"], "db_positions": pos,
                                "query_positions": np.stack([q["east"], q["north"]], 1)}

@@ -128,8 +128,7 @@ def gpu_rows(data: CellData, *, batches: list[int]) -> list[dict]:  # pragma: no
         ms = cuda_time(lambda bb, i=0: torch.topk(xq[i * bb:(i + 1) * bb] @ xb.T, TOPK, dim=1), b)
         rows.append(dict(mode="retrieve", source="gpu-torch", db_size=n, batch_size=b, search_ms_per_query=ms, recall_vs_flat=1.0))
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        idx = CellIndex.build(descriptors=data.xb, cells=data.cells, prototypes=data.prototypes,
-                              neighbours=data.neighbours, config=IndexConfig(quantizer="flat", use_gpu=True))
+        idx = CellIndex.build(**data.index_arrays(), config=IndexConfig(quantizer="flat", use_gpu=True))
         for b in batches:
             for kc in (1, 5, 20):
                 def fn(bb, i=0, kc=kc):

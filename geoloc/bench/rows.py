@@ -57,7 +57,7 @@ class RowLog:
     def add(self, mode: str, batch: int, ms: float, recall: float, bytes_q: float, bytes_vec: float, **extra) -> None:
         n, d = self.data.xb.shape
         floor_ms = bytes_q / self.bandwidth * 1e3
-        row = dict(mode=mode, source=self.source, db_size=n, n_cells=len(self.data.prototypes), dim=d, batch_size=batch,
+        row = dict(mode=mode, source=self.source, db_size=n, n_cells=self.data.n_cells, dim=d, batch_size=batch,
                    search_ms_per_query=ms, recall_vs_flat=recall, bytes_read_per_query=int(bytes_q),
                    floor_ms=floor_ms, x_floor=ms / floor_ms if floor_ms > 0 else None,
                    bytes_per_vector=bytes_vec, peak_rss_bytes=peak_rss_bytes(),
@@ -78,12 +78,11 @@ def engine_rows(log_: RowLog, *, batches: list[int], quick: bool, scorers: tuple
     the exact reference; None: flat, hnsw, lsh and the default). Returns the exact top-1 ids ``[Q]``."""
     data = log_.data
     n, d = data.xb.shape
-    log(f"[{log_.source}] N={n} C={len(data.prototypes)} D={d}: building cell indexes")
+    log(f"[{log_.source}] N={n} C={data.n_cells} P={len(data.prototypes)} D={d}: building cell indexes")
     t = time.perf_counter()
     from geoloc.bench.report import default_scorer
     kinds = list(dict.fromkeys(("flat", *(scorers if scorers is not None else ("hnsw", "lsh", default_scorer(len(data.prototypes)))))))
-    built = {kind: CellIndex.build(descriptors=data.xb, cells=data.cells, prototypes=data.prototypes,
-                                   neighbours=data.neighbours, config=IndexConfig(quantizer=kind, use_gpu=False))
+    built = {kind: CellIndex.build(**data.index_arrays(), config=IndexConfig(quantizer=kind, use_gpu=False))
              for kind in kinds}
     log(f"  built in {time.perf_counter() - t:.1f}s")
     faiss.omp_set_num_threads(NCPU)
@@ -112,7 +111,7 @@ def scorer_bytes(idx: CellIndex) -> float:
 def cell_bytes(idx: CellIndex, xq: np.ndarray, batch: int) -> float:
     """Bytes the cell scorer reads per query: all prototypes (flat), all codes + the exact
     re-rank of a 20-cell shortlist (lsh), the distances the graph computes (hnsw)."""
-    c, d = idx.nlist, idx.dim
+    c, d = len(idx.prototype_cells), idx.dim  # prototypes: several per cell in a real bundle
     cfg = IndexConfig()
     if idx.quantizer_kind == "flat":
         return c * d * 4 / batch

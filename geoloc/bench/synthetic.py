@@ -71,10 +71,12 @@ class CellData:
 
     Attributes:
         xb: ``[N, D]`` float32 descriptors; cells: ``[N]`` int64 cell of each row.
-        prototypes: ``[C, D]`` float32 (normalised mean of each cell's members).
+        prototypes: ``[P, D]`` float32 (normalised mean of each cell's members; a real bundle's
+            sub-centres, several per cell).
         neighbours: ``[C, 8]`` int64 grid neighbours (-1 = none).
         xq: ``[Q, D]`` float32 queries (new photos of random database places).
         params: the generator's weights.
+        prototype_cells: ``[P]`` int64 cell of each prototype; None: one per cell (``P == C``).
     """
 
     xb: np.ndarray
@@ -83,6 +85,26 @@ class CellData:
     neighbours: np.ndarray
     xq: np.ndarray
     params: dict
+    prototype_cells: np.ndarray | None = None
+
+    @property
+    def n_cells(self) -> int:
+        """C, the number of cells (not of prototypes)."""
+        return len(self.prototypes) if self.prototype_cells is None else int(self.prototype_cells.max()) + 1
+
+    def index_arrays(self) -> dict[str, np.ndarray | None]:
+        """The arrays :meth:`geoloc.index.CellIndex.build` takes, as keyword arguments."""
+        return {"descriptors": self.xb, "cells": self.cells, "prototypes": self.prototypes,
+                "prototype_cells": self.prototype_cells, "neighbours": self.neighbours}
+
+    def cell_scores(self, xq: np.ndarray) -> np.ndarray:
+        """Exact cell scores ``[Q, C]``: the best cosine of each query over each cell's prototypes."""
+        sims = xq @ self.prototypes.T
+        if self.prototype_cells is None:
+            return sims
+        order = np.argsort(self.prototype_cells, kind="stable")  # every cell has a prototype
+        starts = np.searchsorted(self.prototype_cells[order], np.arange(self.n_cells))
+        return np.maximum.reduceat(sims[:, order], starts, axis=1)
 
 
 def generator_weights(intra: float, inter: float) -> dict[str, float]:
@@ -345,4 +367,10 @@ def bundle_cell_data(folder: Path, nq: int) -> tuple[CellData, float, float]:
     intra, inter = measure_cosines(xb, cells)
     xq = perturbed_queries(xb, nq, intra)
     nb = idx.neighbours if idx.neighbours is not None else np.full((idx.nlist, 8), -1, dtype=np.int64)
-    return CellData(xb, cells, idx.prototypes(), nb, xq, {"bundle": str(folder)}), intra, inter
+    return CellData(xb, cells, idx.prototypes(), nb, xq, {"bundle": str(folder)}, bundle_prototype_cells(idx)), intra, inter
+
+
+def bundle_prototype_cells(idx: CellIndex) -> np.ndarray | None:
+    """A bundle index's prototype -> cell table for :class:`CellData` (None with one prototype per cell)."""
+    pc = idx.prototype_cells
+    return None if len(pc) == idx.nlist else pc
