@@ -53,6 +53,63 @@ def bare_hybrid(idx: CellIndex, k: int = 10, top: int = 5):
     return run
 
 
+def bundle_overhead(folder: Path, n: int = 512, rounds: int = 3) -> dict:
+    """The bundle's own query settings (its K sub-centres per cell, ring, fusion) on its own vectors,
+    batch 1, one FAISS thread: the FAISS calls alone (the scorer's shortlist search, then the list
+    search: one ``search_preassigned_c`` over the lists, or, fused, over the query repeated once
+    per list, with the lists each query searches computed beforehand), ``CellIndex.search``, and
+    the engine (``Localizer.localize_descriptors``); medians over ``rounds`` interleaved rounds (us)."""
+    import time
+
+    from geoloc.engine import Localizer
+
+    loc = Localizer.load(folder)
+    q = loc.config.query
+    opts = {"mode": "hybrid", "top_cells": q.top_cells, "k": q.top_matches, "neighbours": q.neighbours,
+            "fusion_weight": q.fusion_weight}
+    idx = loc.bundle.index
+    xq = [np.ascontiguousarray(x[None]) for x in idx.vectors()[0][:n]]
+    lists = [idx.search(x, **opts).lists for x in xq]
+    scorer, k = idx._scorer, opts["k"]  # the bare calls are the index's own FAISS calls
+    ivf, quant, m = idx.faiss_index, scorer.index, idx._cells.shortlist(opts["top_cells"])
+    sp = faiss.swig_ptr
+    fused = bool(opts["fusion_weight"])
+    work = []  # every buffer and parameter made beforehand
+    for x, li in zip(xq, lists, strict=True):
+        w = li.shape[1]
+        qx = np.repeat(x, w, axis=0) if fused else x
+        lx = np.ascontiguousarray(li.reshape(-1, 1) if fused else li)
+        b = len(qx)
+        bufs = (np.empty((1, m), np.float32), np.empty((1, m), np.int64), np.zeros(lx.shape, np.float32),
+                np.empty((b, k), np.float32), np.empty((b, k), np.int64))
+        work.append((x, qx, lx, bufs, faiss.SearchParametersIVF(nprobe=lx.shape[1]), scorer.cached_params(m)))
+
+    def bare(i: int) -> None:
+        x, qx, lx, (cs, ci, co, s, ids), params, qp = work[i]
+        quant.search_c(1, sp(x), m, sp(cs), sp(ci), qp)
+        ivf.search_preassigned_c(len(qx), sp(qx), k, sp(lx), sp(co), sp(s), sp(ids), False, params)
+
+    calls = {"bare": bare, "index": lambda i: idx.search(xq[i], **opts),
+             "engine": lambda i: loc.localize_descriptors(xq[i])}
+    faiss.omp_set_num_threads(1)
+    got: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for i in range(8):
+                fn(i)
+            ts = []
+            for i in range(len(xq)):
+                t = time.perf_counter()
+                fn(i)
+                ts.append(time.perf_counter() - t)
+            got[name].append(float(np.median(ts)) * 1e6)
+    faiss.omp_set_num_threads(NCPU)
+    med = {name: float(np.median(v)) for name, v in got.items()}
+    return {"bundle": str(folder), "bundle_query": opts, "bundle_prototypes": int(quant.ntotal), "bundle_cells": idx.nlist,
+            "bundle_bare_us": med["bare"], "bundle_index_us": med["index"], "bundle_engine_us": med["engine"],
+            "bundle_overhead_us": med["index"] - med["bare"], "bundle_rounds_us": got}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=100_000)
@@ -85,16 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode, kw in (("classify", {"top_cells": 5}), ("hybrid", {"top_cells": 5, "k": 10}), ("retrieve", {"k": 10})):
         ms = time_search(lambda x, m=mode, kw=kw: idx.search(x, mode=m, **kw), xq, 256, budget_s=3.0, max_calls=5)
         out[f"qps_b256_{mode}"] = 1e3 / ms
-    if args.bundle is not None:  # the engine path on a real bundle's own vectors
-        from geoloc.engine import Localizer
-        loc = Localizer.load(args.bundle)
-        bx = loc.bundle.index.vectors()[0][:512]
-        bidx = loc.bundle.index
-        bb = bare_hybrid(bidx)
-        faiss.omp_set_num_threads(1)
-        out["bundle_bare_us"] = 1e3 * time_search(lambda x: bb(np.ascontiguousarray(x)), bx, 1, budget_s=1.0)
-        out["bundle_index_us"] = 1e3 * time_search(lambda x: bidx.search(x, mode="hybrid", top_cells=5, k=10), bx, 1, budget_s=1.0)
-        out["bundle_engine_us"] = 1e3 * time_search(lambda x: loc.localize_descriptors(x, mode="hybrid"), bx, 1, budget_s=1.0)
+    if args.bundle is not None:
+        out |= bundle_overhead(args.bundle)
     emit(out, args.out)
     return 0
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_index import MultiProto, Synthetic
 
 from geoloc.index import lists as L
 from geoloc.index.scorers import PrototypeCells
-from test_index import MultiProto, Synthetic
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,13 @@ from geoloc.index.gpu import GpuMirror, gpu_available
 from geoloc.index.io import load_index, save_index
 from geoloc.index.result import SearchResult, SearchTimes
 from geoloc.index.retrieve import FlatView, ListScan, RefineStore
-from geoloc.index.shards import ShardSet, plan_shards
 from geoloc.index.scorers import (
     SCORERS,
     PrototypeCells,
     resolve_scorer_name,
     scorer_for_index,
 )
+from geoloc.index.shards import ShardSet, plan_shards
 
 __all__ = ["MODES", "CellIndex"]
 
