@@ -365,9 +365,6 @@ def search_fused(index: faiss.Index, queries: np.ndarray, lists: np.ndarray, bon
     fused = (s.reshape(b, w, k) + bonus.astype(np.float32, copy=False)[:, :, None]).reshape(b, w * k)
     i = i.reshape(b, w * k)
     fused[i < 0] = -np.inf
-    if b == 1:  # one query: 1-D sort and indexing (no [B, k] index arrays)
-        top = np.argsort(-fused[0], kind="stable")[:k]
-        return fused[:, top], i[:, top]
     top = np.argsort(-fused, axis=1, kind="stable")[:, :k]
     row = np.arange(b)[:, None]  # plain fancy indexing: take_along_axis costs microseconds of Python per call
     return fused[row, top], i[row, top]

@@ -565,12 +565,6 @@ class PrototypeCells:
         """
         b, w = cells.shape
         out = np.full((b, w), -np.inf, dtype=np.float32)
-        if b == 1:  # one query: its asked cells' prototypes against the one query vector
-            wi = np.flatnonzero(cells[0] >= 0)
-            r = self.table[cells[0, wi]]  # [n, K]
-            sims = np.einsum("nkd,d->nk", prototypes[np.maximum(r, 0)], queries[0])
-            out[0, wi] = (sims if self.per_cell == 1 else np.where(r >= 0, sims, -np.inf)).max(axis=1)
-            return out
         qi, wi = np.nonzero(cells >= 0)  # only the (query, cell) pairs asked for are gathered
         rows = self.table[cells[qi, wi]]  # [n, K]
         step = max(1, (1 << 22) // max(1, self.per_cell * prototypes.shape[1]))
