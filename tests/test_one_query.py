@@ -104,3 +104,36 @@ def test_engine_queries_one_at_a_time_equal_the_batch(multi: MultiProto, quantiz
             assert np.array_equal(one.ids, batch.ids[i:i + 1]), (kw, i)
             assert np.array_equal(one.scores, batch.scores[i:i + 1]), (kw, i)
             assert np.array_equal(one.lists, batch.lists[i:i + 1, : one.lists.shape[1]]), (kw, i)
+
+
+def test_dense_cell_scoring_answers_as_the_shortlist_path(multi: MultiProto):
+    """A small flat index scores every cell at once (:class:`geoloc.index.scorers.DenseCells`):
+    the same index sent down the shortlist path (IndexFlatIP's best prototypes -> distinct cells
+    -> exact scores of the ring's cells) answers identically, bit for bit, in every mode, one
+    query at a time and in a batch; the cell scores are the brute-force ones."""
+    dense = multi.build(quantizer="flat")
+    assert dense._dense is not None
+    ref = multi.build(quantizer="flat")
+    ref._dense = None  # the same index, sent down the shortlist path
+    xq = multi.base.xq
+    want = multi.cell_scores(xq)
+    for kw in ({"mode": "classify", "top_cells": 5}, {"mode": "classify", "top_cells": 100},
+               {"mode": "hybrid", "top_cells": 3}, {"mode": "hybrid", "top_cells": 2, "neighbours": True, "fusion_weight": 0.5}):
+        for x in (xq, xq[:1], xq[7:8], xq[3:8]):  # 40 queries: the shortlist path here too (BLAS); up to 19: dense
+            a, b = dense.search(x, k=7, **kw), ref.search(x, k=7, **kw)
+            for field in ("cell_ids", "cell_scores", "ids", "scores", "lists"):
+                assert np.array_equal(getattr(a, field), getattr(b, field)), (kw, field, len(x))
+        a = dense.search(xq, k=7, **kw)
+        ok = a.cell_ids >= 0
+        np.testing.assert_allclose(a.cell_scores[ok], np.take_along_axis(want, np.maximum(a.cell_ids, 0), 1)[ok], atol=1e-6)
+        assert np.isneginf(a.cell_scores[~ok]).all()
+
+
+def test_ring_cell_scores_are_the_flat_scorers_values(multi: MultiProto, data: Synthetic):
+    """``exact_scores`` (the fusion score of a ring cell nobody scored) uses FAISS's inner-product
+    kernel: a cell gets the same score, bit for bit, whether it was scored in the top or as a ring cell."""
+    pc = PrototypeCells(multi.prototype_cells, len(multi.prototypes))
+    idx = multi.build(quantizer="flat")
+    cs, ci = idx.score_cells(data.xq, top_cells=pc.n_cells)
+    again = pc.exact_scores(data.xq, ci, multi.prototypes)
+    assert np.array_equal(again, cs)

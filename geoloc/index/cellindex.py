@@ -30,7 +30,11 @@ from geoloc.index.io import load_index, save_index
 from geoloc.index.result import SearchResult, SearchTimes
 from geoloc.index.retrieve import FlatView, ListScan, RefineStore
 from geoloc.index.scorers import (
+    DENSE_MAX_BATCH,
+    DENSE_MAX_PROTOTYPES,
     SCORERS,
+    DenseCells,
+    FlatScorer,
     PrototypeCells,
     resolve_scorer_name,
     scorer_for_index,
@@ -73,6 +77,8 @@ class CellIndex:
         if self._codec == "flat" and shards is None and gpu_available(config):  # pragma: no cover - needs a GPU
             self._gpu = GpuMirror(self._ivf, self._scorer, self._scorer.prototypes()[self._cells.table[:, 0]])
         self._scan = ListScan(self._ivf, int(config.retrieve_blas_min_batch))
+        small_flat = isinstance(self._scorer, FlatScorer) and int(ivf.quantizer.ntotal) <= DENSE_MAX_PROTOTYPES
+        self._dense = DenseCells(self._scorer.prototypes(), self._cells) if small_flat and self._gpu is None else None
         # GPU only: an exact copy in GPU memory (host RAM keeps the lists once)
         self._flat = FlatView(lambda: self.vectors()[0], self._gpu.flat_index_factory(self.dim)) if self._gpu else None
 
@@ -373,7 +379,7 @@ class CellIndex:
             ids: ``[B, k]`` int64 cell ids (-1 on padding).
         """
         queries = self._queries(queries)
-        return self._score_cells(queries, check_k("top_cells", top_cells))
+        return self._score_cells(queries, check_k("top_cells", top_cells))[:2]
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
         """``check_matrix`` with a fast path for what a caller usually passes: a C-contiguous
@@ -383,12 +389,17 @@ class CellIndex:
             return queries
         return check_matrix("queries", queries, self._d)
 
-    def _score_cells(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _score_cells(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Top ``k`` cells ``[B, k]`` (scores, ids), and every cell's score ``[B, C]`` when the
+        index scores them all at once (:class:`DenseCells`, small batches; else None)."""
         if not len(queries):
-            return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+            return np.empty((0, k), np.float32), np.empty((0, k), np.int64), None
+        if self._dense is not None and len(queries) <= DENSE_MAX_BATCH:
+            every = self._dense.all_scores(queries)
+            return (*self._dense.top(every, k), every)
         scorer = self._gpu.scorer if self._gpu is not None else self._scorer
         scores, ids = scorer.search(queries, self._cells.shortlist(k))
-        return self._cells.top_cells(scores, ids, k)
+        return (*self._cells.top_cells(scores, ids, k), None)
 
     def search_lists(self, queries: np.ndarray, lists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact search restricted to the given inverted lists (cells).
@@ -440,13 +451,13 @@ class CellIndex:
         if mode == "retrieve":
             return self._retrieve(queries, k)
         t0 = time.perf_counter()
-        cs, ci = self._score_cells(queries, top_cells)
+        cs, ci, every = self._score_cells(queries, top_cells)
         t1 = time.perf_counter()
         if mode == "classify":
             b = len(queries)
             return SearchResult(ci, cs, np.empty((b, 0), np.int64), np.empty((b, 0), np.float32),
                                 np.empty((b, 0), np.int64), np.zeros(b, np.int64), SearchTimes(cells_ms=(t1 - t0) * 1e3))
-        return self._hybrid(queries, cs, ci, k, neighbours, w, t0)
+        return self._hybrid(queries, cs, ci, k, neighbours, w, t0, every)
 
     def _retrieve(self, queries: np.ndarray, k: int) -> SearchResult:
         b = len(queries)
@@ -473,14 +484,14 @@ class CellIndex:
         return self._scan.search(queries, k)
 
     def _hybrid(self, queries: np.ndarray, cs: np.ndarray, ci: np.ndarray, k: int, neighbours: bool,
-                weight: float, t0: float) -> SearchResult:
+                weight: float, t0: float, every: np.ndarray | None = None) -> SearchResult:
         if neighbours:
             if self._neighbours is None:
                 raise ValueError("neighbours=True needs a neighbour table: build the index with neighbours=CellTable.neighbours()")
             lists = L.ring_lists(ci, self._neighbours, self.nlist)
         else:  # a top-k cell search returns distinct cells, -1 only as tail padding (k > C)
             lists = ci if ci.shape[1] <= self.nlist else ci[:, : self.nlist]
-        bonus = weight * self._list_scores(queries, lists, cs, ci) if weight else None
+        bonus = weight * self._list_scores(queries, lists, cs, ci, every) if weight else None
         t1 = time.perf_counter()
         index = self._gpu.ivf if self._gpu is not None else self._ivf
         kk = k if self._refine is None else self._refine_width(k)
@@ -527,9 +538,14 @@ class CellIndex:
             self._row_cell_table = rc
         return rc
 
-    def _list_scores(self, queries: np.ndarray, lists: np.ndarray, cs: np.ndarray, ci: np.ndarray) -> np.ndarray:
+    def _list_scores(self, queries: np.ndarray, lists: np.ndarray, cs: np.ndarray, ci: np.ndarray,
+                     every: np.ndarray | None = None) -> np.ndarray:
         """Cell score of every searched list ``[B, W]``: the scored top cells' own scores, exact
-        scores (best cosine over the cell's prototypes) for ring cells that were not scored."""
+        scores (best cosine over the cell's prototypes) for ring cells that were not scored; a
+        lookup in ``every`` ``[B, C]`` when every cell was scored (-inf for list -1)."""
+        if every is not None:
+            got = every[np.arange(len(lists))[:, None], np.maximum(lists, 0)]
+            return np.where(lists >= 0, got, np.float32(-np.inf)).astype(np.float32, copy=False)
         if len(lists) == 1:  # one query: the same values from a dict of the top cells' scores
             top = {c: s for c, s in zip(ci[0].tolist(), cs[0].tolist(), strict=True) if c >= 0}
             row = lists[0].tolist()

@@ -86,6 +86,9 @@ __all__ = [
     "GPU_MAX_K",
     "SCORERS",
     "CellScorer",
+    "DENSE_MAX_BATCH",
+    "DENSE_MAX_PROTOTYPES",
+    "DenseCells",
     "FlatScorer",
     "GpuExactScorer",
     "HNSWScorer",
@@ -476,6 +479,75 @@ class TwoLevelScorer(CellScorer):
         return super().memory_bytes() + int(self.index.ntotal) * 8 + int(self.index.nlist) * int(self.index.d) * 4
 
 
+def inner_products(x: np.ndarray, ix: np.ndarray, y: np.ndarray, iy: np.ndarray) -> np.ndarray:
+    """``[n]`` float32 inner products ``x[ix[j]] . y[iy[j]]``, computed by FAISS's own SIMD kernel
+    (``pairwise_indexed_inner_product``: the values ``IndexFlatIP`` gives, bit for bit, so a cell
+    scored here and the same cell scored by the flat scorer agree exactly)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    ix = np.ascontiguousarray(ix, dtype=np.int64)
+    iy = np.ascontiguousarray(iy, dtype=np.int64)
+    out = np.empty(len(ix), dtype=np.float32)
+    sp = faiss.swig_ptr
+    faiss.pairwise_indexed_inner_product(x.shape[1], len(ix), sp(x), sp(ix), sp(y), sp(iy), sp(out))
+    return out
+
+
+DENSE_MAX_PROTOTYPES = 4096
+"""Up to this many prototypes, a flat scorer on CPU scores every cell at once (:class:`DenseCells`)..."""
+DENSE_MAX_BATCH = 19
+"""... for batches up to this size; from 20 queries on FAISS's flat search multiplies matrices
+(BLAS), reading the prototypes once for the whole batch, which a per-query pass cannot match
+(batch 256 on the demo bundle: 7.6 against 27 us per query)."""
+
+
+class DenseCells:
+    """Every cell's exact score at once, for a flat scorer over at most :data:`DENSE_MAX_PROTOTYPES`
+    prototypes on CPU (a city: the demo has 252 cells x 4 sub-centres).
+
+    One pass of FAISS's inner-product kernel over all prototypes per query (the values the flat
+    scorer's ``IndexFlatIP`` gives, bit for bit), the cell maximum through the ``[C, K]``
+    prototype table, the top cells by one sort; the neighbour ring's cell scores for fusion are
+    then a lookup. At this size it replaces the shortlist search, its distinct-cell step and the
+    re-scoring of the ring's cells, which cost more in numpy calls than in arithmetic (one query
+    right after a backbone forward on the demo bundle: 0.38 -> 0.27 ms). Answers equal the
+    shortlist path's bit for bit (tested); only cells whose scores tie exactly may come in another
+    order (here the lower cell id first).
+    """
+
+    def __init__(self, prototypes: np.ndarray, cells: PrototypeCells) -> None:
+        self.prototypes = np.ascontiguousarray(prototypes, dtype=np.float32)
+        p = len(self.prototypes)
+        self.identity = cells.identity
+        self.table = np.where(cells.table >= 0, cells.table, p)  # padding -> a -inf column
+
+    def all_scores(self, queries: np.ndarray) -> np.ndarray:
+        """``[B, D]`` queries -> ``[B, C]`` float32 exact cell scores (best cosine over each cell's prototypes)."""
+        p, d = self.prototypes.shape
+        b = len(queries)
+        out = np.empty((b, p + 1), dtype=np.float32)
+        out[:, p] = -np.inf
+        if b == 1:  # the same kernel, one row of prototypes after the other
+            sp = faiss.swig_ptr
+            q = np.ascontiguousarray(queries, dtype=np.float32)
+            faiss.fvec_inner_products_ny(sp(out), sp(q), sp(self.prototypes), d, p)
+        elif b:
+            out[:, :p] = inner_products(queries, np.repeat(np.arange(b), p), self.prototypes, np.tile(np.arange(p), b)).reshape(b, p)
+        return out[:, :p] if self.identity else out[:, self.table].max(axis=2)
+
+    @staticmethod
+    def top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``[B, C]`` cell scores -> the best ``k``: ``[B, k]`` scores (descending; ties: lower cell
+        id first) and cell ids, -inf / -1 padded when ``k > C``."""
+        b, c = scores.shape
+        ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top = scores[np.arange(b)[:, None], ids]
+        if c < k:
+            ids = np.pad(ids, ((0, 0), (0, k - c)), constant_values=-1)
+            top = np.pad(top, ((0, 0), (0, k - c)), constant_values=-np.inf)
+        return top, ids
+
+
 class PrototypeCells:
     """Which cell each of the ``P`` prototypes belongs to, and cell scores from prototype scores.
 
@@ -565,11 +637,12 @@ class PrototypeCells:
         """
         b, w = cells.shape
         out = np.full((b, w), -np.inf, dtype=np.float32)
-        qi, wi = np.nonzero(cells >= 0)  # only the (query, cell) pairs asked for are gathered
+        qi, wi = np.nonzero(cells >= 0)  # only the (query, cell) pairs asked for
+        if not len(qi):
+            return out
         rows = self.table[cells[qi, wi]]  # [n, K]
-        step = max(1, (1 << 22) // max(1, self.per_cell * prototypes.shape[1]))
-        for i in range(0, len(qi), step):
-            r, q = rows[i:i + step], qi[i:i + step]
-            sims = np.einsum("nkd,nd->nk", prototypes[np.maximum(r, 0)], queries[q])
-            out[q, wi[i:i + step]] = np.where(r >= 0, sims, -np.inf).max(axis=1)
+        ok = rows >= 0
+        sims = np.full(rows.shape, -np.inf, dtype=np.float32)
+        sims[ok] = inner_products(queries, np.broadcast_to(qi[:, None], rows.shape)[ok], prototypes, rows[ok])
+        out[qi, wi] = sims.max(axis=1)
         return out
