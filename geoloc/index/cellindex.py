@@ -77,8 +77,10 @@ class CellIndex:
         if self._codec == "flat" and shards is None and gpu_available(config):  # pragma: no cover - needs a GPU
             self._gpu = GpuMirror(self._ivf, self._scorer, self._scorer.prototypes()[self._cells.table[:, 0]])
         self._scan = ListScan(self._ivf, int(config.retrieve_blas_min_batch))
-        small_flat = isinstance(self._scorer, FlatScorer) and int(ivf.quantizer.ntotal) <= DENSE_MAX_PROTOTYPES
-        self._dense = DenseCells(self._scorer.prototypes(), self._cells) if small_flat and self._gpu is None else None
+        # several sub-centres per cell, few prototypes, flat, CPU: every cell scored at once (DenseCells)
+        dense = (not self._cells.identity and isinstance(self._scorer, FlatScorer) and self._gpu is None
+                 and int(ivf.quantizer.ntotal) <= DENSE_MAX_PROTOTYPES)
+        self._dense = DenseCells(self._scorer.prototypes(), self._cells) if dense else None
         # GPU only: an exact copy in GPU memory (host RAM keeps the lists once)
         self._flat = FlatView(lambda: self.vectors()[0], self._gpu.flat_index_factory(self.dim)) if self._gpu else None
 
