@@ -181,3 +181,26 @@ def test_a_sharded_pooled_bundle_answers_like_the_unsharded_one(bundles, city):
         a, b = one.localize(imgs, mode=mode), two.localize(imgs, mode=mode)
         assert [p.candidate_ids for p in a] == [p.candidate_ids for p in b], mode
         np.testing.assert_allclose([p.candidate_scores for p in a], [p.candidate_scores for p in b], atol=1e-5)
+
+
+def test_calibration_query_cache_belongs_to_its_bundle(bundles, tmp_path):
+    """``benchmarks/latency.py --bundle`` caches the encoded query photos; a cache written for
+    another bundle (e.g. the demo before a rebuild) is encoded anew, never silently reused."""
+    from geoloc.bench.calibration import bundle_queries
+
+    a, b = read_bundle(bundles["projected"]), read_bundle(bundles["pooled"])
+    rec = a.records
+    rows = [f"{rec.paths[i]},{rec.east[i]},{rec.north[i]}" for i in range(4)]
+    qcsv = Path(rec.root) / "queries.csv"
+    qcsv.write_text("path,east,north\n" + "\n".join(rows) + "\n")
+    try:
+        cache = tmp_path / "q.npz"
+        first = bundle_queries(bundles["projected"], cache=cache)
+        again = bundle_queries(bundles["projected"], cache=cache)
+        assert "cached" in again["source"] and np.array_equal(again["xq"], first["xq"])
+        other = bundle_queries(bundles["pooled"], cache=cache)  # same photos, another bundle
+        assert "cached" not in other["source"]
+        assert other["xq"].shape[1] == b.index.dim != first["xq"].shape[1]
+        assert "cached" in bundle_queries(bundles["pooled"], cache=cache)["source"]
+    finally:
+        qcsv.unlink()

@@ -49,7 +49,8 @@ def bundle_queries(folder: Path, *, cache: Path | None = None, limit: int = 1000
     Returns ``{"xq": [Q, D] float32, "query_cells": [Q] int64, "source": str, "holdout": [H] int64,
     "east": [Q], "north": [Q]}`` (metres, the queries' true positions);
     ``holdout`` are database rows used as queries (empty when query photos exist): drop them from
-    the database before searching.
+    the database before searching. ``cache`` keeps the encoded query photos with the bundle's
+    manifest checksum; a cache written for another bundle (a rebuilt demo) is encoded anew.
     """
     from geoloc.bundle import read_bundle
 
@@ -57,8 +58,9 @@ def bundle_queries(folder: Path, *, cache: Path | None = None, limit: int = 1000
     xb, cells = b.index.vectors()
     rec = b.records
     qcsv = Path(rec.root) / "queries.csv"
-    if cache is not None and Path(cache).is_file():
-        z = np.load(cache)
+    key = str(b.manifest.get("manifest_sha256", ""))
+    z = np.load(cache) if cache is not None and Path(cache).is_file() else None
+    if z is not None and "bundle" in z and str(z["bundle"]) == key:
         qc = _true_cells(z["east"], z["north"], np.asarray(rec.east), np.asarray(rec.north), cells)
         return {"xq": z["desc"].astype(np.float32), "query_cells": qc, "source": f"{qcsv} (cached in {cache})",
                 "holdout": np.empty(0, np.int64), "east": z["east"], "north": z["north"]}
@@ -81,7 +83,7 @@ def bundle_queries(folder: Path, *, cache: Path | None = None, limit: int = 1000
         north = np.array([float(r["north"]) for r in rows])
         if cache is not None:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, desc=desc, east=east, north=north)
+            np.savez(cache, desc=desc, east=east, north=north, bundle=np.array(key))
         qc = _true_cells(east, north, np.asarray(rec.east), np.asarray(rec.north), cells)
         return {"xq": desc.astype(np.float32), "query_cells": qc, "source": str(qcsv), "holdout": np.empty(0, np.int64),
                 "east": east, "north": north}
