@@ -1,7 +1,7 @@
 """Shared helpers of the scripts in ``benchmarks/`` (each script answers one question).
 
 * :mod:`geoloc.bench.synthetic`: synthetic cell-structured descriptors ``[N, D]`` and their
-  calibration on a real bundle (``make_cell_data``, ``bundle_cell_data``).
+  the cosines they are calibrated on (``make_cell_data``, ``measure_cosines``).
 * :mod:`geoloc.bench.timing`: median ms per query, recall, read bandwidth, CPU model, peak RSS.
 * :mod:`geoloc.bench.rows`: latency rows of the engine's modes and of the IVF / HNSW baselines.
 * :mod:`geoloc.bench.report`: the markdown table, target ratios and plot of those rows.

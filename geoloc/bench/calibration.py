@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,7 +29,10 @@ from geoloc.bench.realistic import (
     fit_views,
     make_realistic_data,
 )
-from geoloc.bench.synthetic import CellData, bundle_prototype_cells
+from geoloc.bench.synthetic import CellData
+
+if TYPE_CHECKING:
+    from geoloc.index import CellIndex
 
 __all__ = ["bundle_queries", "bundle_twin_data", "query_stats"]
 
@@ -135,6 +139,12 @@ def query_stats(data: CellData, query_cells: np.ndarray | None = None, *, ks: tu
         for k in ks:
             out[f"true_cell_in_top_{k}"] = float((order[:, :k] == query_cells[:, None]).any(1).mean())
     return out
+
+
+def bundle_prototype_cells(idx: CellIndex) -> np.ndarray | None:
+    """A bundle index's prototype -> cell table for :class:`CellData` (None with one prototype per cell)."""
+    pc = idx.prototype_cells
+    return None if len(pc) == idx.nlist else pc
 
 
 def bundle_twin_data(folder: Path, *, cache: Path | None = None, seed: int = 7) -> tuple[CellData, CellData, dict, dict]:

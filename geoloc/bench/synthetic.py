@@ -3,24 +3,22 @@
 ``make_cell_data`` lays ``C`` cells of 10..400 images (log-normal, mean ~60) on a square grid;
 a descriptor is a weighted sum of unit directions (global, 3x3 block per heading, cell, cell per
 heading) plus noise, with weights chosen so that the mean same-cell and different-cell cosines
-match ``intra`` / ``inter`` (defaults below, or measured on a real bundle by
-:func:`bundle_cell_data`). Prototypes are the normalised cell means (one per cell).
+match ``intra`` / ``inter`` (defaults below, or measured on a real bundle with
+:func:`measure_cosines`, as ``benchmarks/latency.py --bundle`` does). Prototypes are the
+normalised cell means (one per cell).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from geoloc.cells import neighbour_table
-from geoloc.config import IndexConfig
-from geoloc.index import CellIndex
 
 __all__ = [
     "DEFAULT_INTRA_COS", "DEFAULT_INTER_COS", "DEFAULT_MEAN_CELL_SIZE", "HEADINGS", "CellData", "normalise",
-    "ChunkedCellData", "generator_weights", "make_cell_data", "make_prototype_data", "perturbed_queries", "segment_sum", "measure_cosines", "bundle_cell_data",
+    "ChunkedCellData", "generator_weights", "make_cell_data", "make_prototype_data", "segment_sum", "measure_cosines",
 ]
 
 # --- synthetic data defaults (used when no --bundle calibrates them) -----------------------
@@ -343,34 +341,3 @@ def measure_cosines(xb: np.ndarray, cells: np.ndarray, *, pairs: int = 20000, se
     inter = float(np.einsum("ij,ij->i", xb[a[keep]], xb[b[keep]]).mean())
     return intra, inter
 
-
-def perturbed_queries(xb: np.ndarray, nq: int, intra: float, seed: int = 2) -> np.ndarray:
-    """``nq`` queries ``[nq, D]``: random database rows of ``xb`` ``[N, D]`` plus isotropic noise of
-    the size of a same-cell difference (variance ``1 - intra``), normalised (the bundle query model)."""
-    rng = np.random.default_rng(seed)
-    src = rng.integers(0, len(xb), size=nq)
-    noise = rng.standard_normal((nq, xb.shape[1]), dtype=np.float32) * np.float32(np.sqrt((1 - intra) / xb.shape[1]))
-    return normalise(xb[src] + noise)
-
-
-def bundle_cell_data(folder: Path, nq: int) -> tuple[CellData, float, float]:
-    """A real bundle's vectors as :class:`CellData` (rows sorted by cell), with ``nq`` queries made
-    by adding same-cell-sized noise to random database rows, and its measured cosines.
-
-    Returns:
-        data, intra (mean same-cell cosine), inter (mean different-cell cosine).
-    """
-    idx = CellIndex.load(folder, config=IndexConfig(quantizer="flat", use_gpu=False))
-    xb, cells = idx.vectors()
-    order = np.argsort(cells, kind="stable")
-    xb, cells = xb[order], cells[order]
-    intra, inter = measure_cosines(xb, cells)
-    xq = perturbed_queries(xb, nq, intra)
-    nb = idx.neighbours if idx.neighbours is not None else np.full((idx.nlist, 8), -1, dtype=np.int64)
-    return CellData(xb, cells, idx.prototypes(), nb, xq, {"bundle": str(folder)}, bundle_prototype_cells(idx)), intra, inter
-
-
-def bundle_prototype_cells(idx: CellIndex) -> np.ndarray | None:
-    """A bundle index's prototype -> cell table for :class:`CellData` (None with one prototype per cell)."""
-    pc = idx.prototype_cells
-    return None if len(pc) == idx.nlist else pc

@@ -83,11 +83,11 @@ from geoloc.config import IndexConfig
 from geoloc.index.lists import distinct_positions
 
 __all__ = [
+    "DENSE_MAX_BATCH",
+    "DENSE_MAX_PROTOTYPES",
     "GPU_MAX_K",
     "SCORERS",
     "CellScorer",
-    "DENSE_MAX_BATCH",
-    "DENSE_MAX_PROTOTYPES",
     "DenseCells",
     "FlatScorer",
     "GpuExactScorer",
@@ -523,15 +523,12 @@ class DenseCells:
     def all_scores(self, queries: np.ndarray) -> np.ndarray:
         """``[B, D]`` queries -> ``[B, C]`` float32 exact cell scores (best cosine over each cell's prototypes)."""
         p, d = self.prototypes.shape
-        b = len(queries)
-        out = np.empty((b, p + 1), dtype=np.float32)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        out = np.empty((len(queries), p + 1), dtype=np.float32)
         out[:, p] = -np.inf
-        if b == 1:  # the same kernel, one row of prototypes after the other
-            sp = faiss.swig_ptr
-            q = np.ascontiguousarray(queries, dtype=np.float32)
-            faiss.fvec_inner_products_ny(sp(out), sp(q), sp(self.prototypes), d, p)
-        else:
-            out[:, :p] = inner_products(queries, np.repeat(np.arange(b), p), self.prototypes, np.tile(np.arange(p), b)).reshape(b, p)
+        sp = faiss.swig_ptr
+        for i in range(len(queries)):  # one kernel call per query (at most DENSE_MAX_BATCH)
+            faiss.fvec_inner_products_ny(sp(out[i]), sp(queries[i]), sp(self.prototypes), d, p)
         return out[:, self.table].max(axis=2)
 
     @staticmethod
