@@ -9,7 +9,8 @@ database row lies (same cell, ring of neighbours, top-k scored cells), and how a
 of different cells are. :func:`bundle_twin_data` calibrates :mod:`geoloc.bench.realistic` on the
 bundle (heading quadrants, adjacency of cell centres, look-alike scenes from the database's
 nearest-neighbour statistics; query noise, own-cell-first rate and nearest-row cosine of the real
-queries; hybrid's recall is never a fit target) and returns
+queries; hybrid's recall is never a fit target) gives the twin as many
+k-means sub-centres per cell as the bundle's heads have, and returns
 both sets as :class:`geoloc.bench.synthetic.CellData` of the same size, for the same benchmark rows.
 """
 
@@ -185,6 +186,8 @@ def bundle_twin_data(folder: Path, *, cache: Path | None = None, seed: int = 7) 
     qnn = sum(float(np.max(q["xq"][i:i + 256] @ xb.T, axis=1).sum()) for i in range(0, len(q["xq"]), 256)) / len(q["xq"])
     calib["query_view_fidelity"] = fit_query_view_fidelity(calib, len(xb), qnn)
     calib["fit_targets"] = {"real_true_cell_top1_by_means": top1, "real_query_nn_cos": qnn}
+    # the twin's prototypes: as many sub-centres per cell as the bundle's heads have (k-means stand-ins)
+    calib["prototypes_per_cell"] = max(1, round(len(idx.prototype_cells) / idx.nlist))
     real = CellData(xb, cells, idx.prototypes(), nb, q["xq"], {"bundle": str(folder), "queries": q["source"]},
                     bundle_prototype_cells(idx))
     twin = make_realistic_data(len(xb), calib, nq=len(q["xq"]), query_noise=calib["query_noise"], seed=seed)

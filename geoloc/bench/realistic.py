@@ -19,6 +19,13 @@ Queries are new members of random cells/headings (and their source row's scene) 
 times the residual variance; :func:`fit_query_noise` measures it on real queries whose true cells are known (the
 demo bundle's 500 query photos give 1.33; ``benchmarks/calibration.py``). Without a real set, :data:`DEFAULT_CALIBRATION`-style power-law spectra
 ("far fewer effective dimensions" than isotropic noise) are used.
+
+Prototypes: with ``prototypes_per_cell`` K > 1 (a bundle's sub-centres per cell; 1 without) each
+cell gets K sub-centres by spherical k-means over its own rows (:func:`subcentre_prototypes`), the
+stand-in for a trained K-sub-centre head: on the demo bundle's real database they keep the exact
+nearest row's cell among the top 1 / 5 / 20 about as often as the trained prototypes do
+(``benchmarks/calibration.py``, ``real_kmeans_prototypes``). With K = 1 a prototype is the
+normalised cell mean.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from geoloc.bench.synthetic import (
 )
 from geoloc.cells import neighbour_table
 
-__all__ = ["calibrate", "default_calibration", "effective_dims", "fit_query_centre_fidelity", "fit_query_noise", "fit_query_view_fidelity", "fit_views", "make_realistic_data", "nn_stats", "summary"]
+__all__ = ["calibrate", "default_calibration", "effective_dims", "fit_query_centre_fidelity", "fit_query_noise",
+           "fit_query_view_fidelity", "fit_views", "make_realistic_data", "nn_stats", "subcentre_prototypes", "summary"]
 
 
 def effective_dims(spectrum: np.ndarray) -> float:
@@ -158,7 +166,8 @@ def summary(calib: dict) -> dict:
             "centre_adjacent_cos": float(calib.get("centre_adjacent_cos", 0.0)),
             "view_share": float(calib.get("view_share", 0.0)), "view_group": float(calib.get("view_group", 0.0)),
             "query_view_fidelity": float(calib.get("query_view_fidelity", 1.0)),
-            "query_centre_fidelity": float(calib.get("query_centre_fidelity", 1.0))}
+            "query_centre_fidelity": float(calib.get("query_centre_fidelity", 1.0)),
+            "prototypes_per_cell": int(calib.get("prototypes_per_cell", 1))}
 
 
 def fit_query_noise(calib: dict, xb: np.ndarray, cells: np.ndarray, xq: np.ndarray, query_cells: np.ndarray) -> float:
@@ -249,6 +258,40 @@ def fit_query_view_fidelity(calib: dict, n: int, query_nn_cos: float, *, nq: int
     return best[1]
 
 
+def subcentre_prototypes(xb: np.ndarray, cells: np.ndarray, k: int, *, niter: int = 10, seed: int = 0,
+                         chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` sub-centres per cell: spherical k-means (``niter`` Lloyd steps) over each cell's rows.
+
+    Args:
+        xb: ``[N, D]`` float32 L2-normalised rows; cells: ``[N]`` int64, sorted, every cell in
+            ``0..C-1`` non-empty.
+    Returns:
+        prototypes ``[C * k, D]`` float32 (unit norm) and prototype_cells ``[C * k]`` int64
+        (``c * k + j``: cell c's j-th sub-centre). Starts from k of the cell's rows evenly spaced
+        in a random order; a cell with fewer than k rows repeats them; a sub-centre left without
+        rows keeps its place. All cells are updated at once (chunks of ``chunk`` rows).
+    """
+    rng = np.random.default_rng(seed)
+    n, d = xb.shape
+    starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    c = len(starts)
+    pick = starts[:, None] + (np.floor((np.arange(k)[None] + rng.random((c, 1))) * sizes[:, None] / k).astype(np.int64) % sizes[:, None])
+    cen = xb[pick].copy()  # [C, k, D]
+    lab = np.zeros(n, np.int64)
+    for _ in range(niter):
+        for i in range(0, n, chunk):
+            lab[i:i + chunk] = np.einsum("nd,nkd->nk", xb[i:i + chunk], cen[cells[i:i + chunk]]).argmax(1)
+        g = cells * k + lab
+        order = np.argsort(g, kind="stable")
+        gs = g[order]
+        first = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+        sums = np.add.reduceat(xb[order], first, axis=0)
+        flat = cen.reshape(c * k, d)
+        flat[gs[first]] = normalise(sums)
+    return cen.reshape(c * k, d), np.repeat(np.arange(c, dtype=np.int64), k)
+
+
 def _grid_smoothing(rho: float) -> float:
     """Weight ``b`` of the 8 grid neighbours' latents in ``z_c + b sum z_n`` (then rescaled) whose
     mean correlation between adjacent cells is ``rho``: ``(2b + 3b^2) / (1 + 8b^2) = rho`` (< 3/8)."""
@@ -263,7 +306,8 @@ def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.
     """``n`` descriptors with the statistics of ``calib`` (:func:`calibrate`), in cells on a square grid.
 
     Returns a :class:`CellData`: xb ``[N, D]``, cells ``[N]`` (sorted), prototypes ``[C, D]``
-    (normalised cell means), neighbours ``[C, 8]``, xq ``[nq, D]``.
+    (normalised cell means; ``calib["prototypes_per_cell"]`` K > 1: ``[C * K, D]`` sub-centres,
+    :func:`subcentre_prototypes`, with their ``prototype_cells``), neighbours ``[C, 8]``, xq ``[nq, D]``.
     """
     rng = np.random.default_rng(seed)
     d = int(calib["dim"])
@@ -309,10 +353,14 @@ def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.
         if views is not None:
             x += views[row_view[i:i + step]]
         xb[i:i + step] = normalise(x)
-    protos = np.zeros((c, d), np.float32)
-    starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
-    protos[cells[starts]] = np.add.reduceat(xb, starts, axis=0)
-    protos = normalise(protos)
+    k = int(calib.get("prototypes_per_cell", 1))
+    if k > 1:
+        protos, proto_cells = subcentre_prototypes(xb, cells, k, seed=seed)
+    else:
+        protos, proto_cells = np.zeros((c, d), np.float32), None
+        starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+        protos[cells[starts]] = np.add.reduceat(xb, starts, axis=0)
+        protos = normalise(protos)
     src = rng.integers(0, n, size=nq)
     qc, qh = cells[src], heads[src]
     psi = float(np.clip(calib.get("query_centre_fidelity", 1.0), 0.0, 1.0))
@@ -326,4 +374,4 @@ def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.
             xq += gauss(nq, (np.sqrt(a * (1 - phi)) * o_std).astype(np.float32))
     xq = normalise(xq)
     return CellData(xb, cells, protos, nb, xq, {"generator": "realistic", **summary(calib), "n_cells": c,
-                                                "query_noise": query_noise, "query_cells": qc})
+                                                "query_noise": query_noise, "query_cells": qc}, proto_cells)
