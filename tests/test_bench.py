@@ -173,3 +173,48 @@ def test_latency_rows_with_several_prototypes_per_cell():
     assert classify and all(r["recall_vs_flat"] > 0.5 for r in classify)
     s = query_stats(data, ks=(1, 5), db_rows=200)
     assert s["n_cells"] == data.n_cells and 0 < s["nn_cell_in_top_1"] <= s["nn_cell_in_top_5"] <= 1
+
+
+def test_subcentre_prototypes_find_the_looks_of_a_cell():
+    """Per-cell spherical k-means: one sub-centre is the normalised cell mean; two recover the two
+    looks a cell was drawn from; a cell with fewer rows than k repeats them."""
+    from geoloc.bench.realistic import subcentre_prototypes
+    from geoloc.bench.synthetic import normalise
+    rng = np.random.default_rng(0)
+    looks = normalise(rng.standard_normal((6, 2, 32)).reshape(12, 32)).reshape(6, 2, 32)
+    sizes = np.array([40, 25, 60, 1, 33, 18])
+    cells = np.repeat(np.arange(6), sizes)
+    which = rng.integers(0, 2, len(cells))
+    which[cells == 3] = 0
+    xb = normalise(looks[cells, which] + 0.05 * rng.standard_normal((len(cells), 32)).astype(np.float32))
+    p1, c1 = subcentre_prototypes(xb, cells, 1)
+    means = normalise(np.stack([xb[cells == c].mean(0) for c in range(6)]))
+    np.testing.assert_allclose(p1, means, atol=1e-5)
+    assert np.array_equal(c1, np.arange(6))
+    p2, c2 = subcentre_prototypes(xb, cells, 2, chunk=17)  # chunks smaller than a cell
+    assert p2.shape == (12, 32) and np.array_equal(c2, np.repeat(np.arange(6), 2))
+    np.testing.assert_allclose(np.linalg.norm(p2, axis=1), 1, atol=1e-5)
+    for c in (0, 1, 2, 4, 5):  # both looks present: each is some sub-centre's, one to one
+        best = (looks[c] @ p2[c2 == c].T)
+        assert best.max(1).min() > 0.99 and set(best.argmax(1)) == {0, 1}
+    np.testing.assert_allclose(p2[c2 == 3], np.repeat(xb[cells == 3], 2, axis=0), atol=1e-6)
+
+
+def test_realistic_twin_with_sub_centres():
+    """``prototypes_per_cell`` K gives K sub-centres per cell that the index takes; rows and queries
+    are the same as with K = 1 (the sub-centres draw from their own generator)."""
+    from geoloc.config import IndexConfig
+    from geoloc.index import CellIndex
+    c0 = default_calibration(32, seed=2)
+    one = make_realistic_data(3000, c0, nq=64, seed=3)
+    four = make_realistic_data(3000, dict(c0, prototypes_per_cell=4), nq=64, seed=3)
+    assert np.array_equal(one.xb, four.xb) and np.array_equal(one.xq, four.xq)
+    assert one.prototype_cells is None and four.n_cells == one.n_cells == len(one.prototypes)
+    assert len(four.prototypes) == 4 * four.n_cells and np.array_equal(np.bincount(four.prototype_cells), np.full(four.n_cells, 4))
+    idx = CellIndex.build(**four.index_arrays(), config=IndexConfig(quantizer="flat", use_gpu=False))
+    res = idx.search(four.xq, mode="classify", k=5)
+    np.testing.assert_array_equal(res.cell_ids[:, 0], four.cell_scores(four.xq).argmax(1))
+    # several looks per cell: a row's best sub-centre is closer to it than its cell's mean is
+    best_sub = np.max(np.stack([(four.xb * four.prototypes[four.cells * 4 + j]).sum(1) for j in range(4)]), axis=0)
+    mean_cos = (one.xb * one.prototypes[one.cells]).sum(1)
+    assert best_sub.mean() > mean_cos.mean() + 0.02
