@@ -233,7 +233,7 @@ def fit_query_centre_fidelity(calib: dict, n: int, true_cell_top1: float, *, nq:
     ``calib["query_noise"]``)."""
     best = (float("inf"), 1.0)
     for psi in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
-        tw = make_realistic_data(n, dict(calib, query_centre_fidelity=psi), nq=nq,
+        tw = make_realistic_data(n, dict(calib, query_centre_fidelity=psi, prototypes_per_cell=1), nq=nq,
                                  query_noise=float(calib.get("query_noise", 1.5)), seed=seed + 1)
         got = float((np.argmax(tw.xq @ tw.prototypes.T, axis=1) == tw.params["query_cells"]).mean())
         if abs(got - true_cell_top1) < best[0]:
