@@ -9,7 +9,7 @@ database row lies (same cell, ring of neighbours, top-k scored cells), and how a
 of different cells are. :func:`bundle_twin_data` calibrates :mod:`geoloc.bench.realistic` on the
 bundle (heading quadrants, adjacency of cell centres, look-alike scenes from the database's
 nearest-neighbour statistics; query noise, own-cell-first rate and nearest-row cosine of the real
-queries; hybrid's recall is never a fit target) gives the twin as many
+queries; hybrid's recall is never a fit target), gives the twin as many
 k-means sub-centres per cell as the bundle's heads have, and returns
 both sets as :class:`geoloc.bench.synthetic.CellData` of the same size, for the same benchmark rows.
 """

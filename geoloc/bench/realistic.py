@@ -267,8 +267,8 @@ def subcentre_prototypes(xb: np.ndarray, cells: np.ndarray, k: int, *, niter: in
             ``0..C-1`` non-empty.
     Returns:
         prototypes ``[C * k, D]`` float32 (unit norm) and prototype_cells ``[C * k]`` int64
-        (``c * k + j``: cell c's j-th sub-centre). Starts from k of the cell's rows evenly spaced
-        in a random order; a cell with fewer than k rows repeats them; a sub-centre left without
+        (``c * k + j``: cell c's j-th sub-centre). Starts from k of the cell's rows, evenly spaced
+        through the cell from a random offset; a cell with fewer than k rows repeats them; a sub-centre left without
         rows keeps its place. All cells are updated at once (chunks of ``chunk`` rows).
     """
     rng = np.random.default_rng(seed)
