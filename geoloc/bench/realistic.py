@@ -267,9 +267,10 @@ def subcentre_prototypes(xb: np.ndarray, cells: np.ndarray, k: int, *, niter: in
             ``0..C-1`` non-empty.
     Returns:
         prototypes ``[C * k, D]`` float32 (unit norm) and prototype_cells ``[C * k]`` int64
-        (``c * k + j``: cell c's j-th sub-centre). Starts from k of the cell's rows, evenly spaced
-        through the cell from a random offset; a cell with fewer than k rows repeats them; a sub-centre left without
-        rows keeps its place. All cells are updated at once (chunks of ``chunk`` rows).
+        (``c * k + j``: cell c's j-th sub-centre). Starts from k of the cell's rows, evenly
+        spaced through the cell from a random offset; a cell with fewer than k rows repeats them;
+        a sub-centre left without rows keeps its place. All cells are updated at once (chunks of
+        ``chunk`` rows). ``k = 1``: one step, the normalised cell means.
     """
     rng = np.random.default_rng(seed)
     n, d = xb.shape
@@ -279,8 +280,8 @@ def subcentre_prototypes(xb: np.ndarray, cells: np.ndarray, k: int, *, niter: in
     pick = starts[:, None] + (np.floor((np.arange(k)[None] + rng.random((c, 1))) * sizes[:, None] / k).astype(np.int64) % sizes[:, None])
     cen = xb[pick].copy()  # [C, k, D]
     lab = np.zeros(n, np.int64)
-    for _ in range(niter):
-        for i in range(0, n, chunk):
+    for _ in range(niter if k > 1 else 1):
+        for i in range(0, n if k > 1 else 0, chunk):  # k = 1: every row's label is 0
             lab[i:i + chunk] = np.einsum("nd,nkd->nk", xb[i:i + chunk], cen[cells[i:i + chunk]]).argmax(1)
         g = cells * k + lab
         order = np.argsort(g, kind="stable")
@@ -354,13 +355,8 @@ def make_realistic_data(n: int, calib: dict, *, nq: int, query_noise: float = 1.
             x += views[row_view[i:i + step]]
         xb[i:i + step] = normalise(x)
     k = int(calib.get("prototypes_per_cell", 1))
-    if k > 1:
-        protos, proto_cells = subcentre_prototypes(xb, cells, k, seed=seed)
-    else:
-        protos, proto_cells = np.zeros((c, d), np.float32), None
-        starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
-        protos[cells[starts]] = np.add.reduceat(xb, starts, axis=0)
-        protos = normalise(protos)
+    protos, proto_cells = subcentre_prototypes(xb, cells, k, seed=seed)
+    proto_cells = proto_cells if k > 1 else None
     src = rng.integers(0, n, size=nq)
     qc, qh = cells[src], heads[src]
     psi = float(np.clip(calib.get("query_centre_fidelity", 1.0), 0.0, 1.0))

@@ -498,7 +498,8 @@ DENSE_MAX_PROTOTYPES = 4096
 DENSE_MAX_BATCH = 19
 """... for batches up to this size; from 20 queries on FAISS's flat search multiplies matrices
 (BLAS), reading the prototypes once for the whole batch, which a per-query pass cannot match
-(batch 256 on the demo bundle: 7.6 against 27 us per query)."""
+(batch 256 on the demo bundle: 7.6 against 27 us per query, timed once inline when this limit was
+set; ``benchmarks/overhead.py --bundle`` times the batch-1 path)."""
 
 
 class DenseCells:
@@ -510,8 +511,9 @@ class DenseCells:
     scorer's ``IndexFlatIP`` gives, bit for bit), the cell maximum through the ``[C, K]``
     prototype table, the top cells by one sort; the neighbour ring's cell scores for fusion are
     then a lookup. At this size it replaces the shortlist search, its distinct-cell step and the
-    re-scoring of the ring's cells, which cost more in numpy calls than in arithmetic (one query
-    right after a backbone forward on the demo bundle: 0.38 -> 0.29 ms). Answers equal the
+    re-scoring of the ring's cells, which cost more in numpy calls than in arithmetic
+    (``benchmarks/overhead.py --bundle indexes/demo``: ``CellIndex.search`` 270-284 -> 167-181 us
+    per query, with the one-query paths of the same change). Answers equal the
     shortlist path's bit for bit (tested); only cells whose scores tie exactly may come in another
     order (here the lower cell id first).
     """
