@@ -13,7 +13,7 @@ from geoloc.bench.realistic import (
     effective_dims,
     make_realistic_data,
 )
-from geoloc.bench.rows import RowLog, engine_rows, hnsw_rows, ivf_rows
+from geoloc.bench.rows import HYBRID_TOP_CELLS, RowLog, engine_rows, hnsw_rows, ivf_rows
 from geoloc.bench.synthetic import make_cell_data, make_prototype_data, measure_cosines
 from geoloc.bench.timing import recall_at, time_search
 
@@ -37,6 +37,21 @@ def test_timing_helpers():
     assert recall_at(np.array([[1, 2], [3, 4]]), np.array([2, 5])) == 0.5
 
 
+def test_curve_vs_hnsw_takes_the_fastest_hnsw_row_reaching_each_recall():
+    def row(mode, ms, rec, **kw):
+        return {"mode": mode, "search_ms_per_query": ms, "recall_vs_flat": rec, **kw}
+
+    rows = [row("hybrid", 0.5, 0.8, cell_scoring="pqfs", top_cells=20), row("hybrid", 0.2, 0.5, cell_scoring="pqfs", top_cells=5),
+            row("hybrid", 0.1, 0.9, cell_scoring="flat", top_cells=5),  # another scorer: not on this curve
+            row("hybrid", 9.0, 0.99, cell_scoring="pqfs", top_cells=100),
+            row("hnsw32", 0.4, 0.5, ef_search=16), row("hnsw32", 0.3, 0.6, ef_search=32), row("hnsw32", 2.0, 0.85, ef_search=64)]
+    curve = report.curve_vs_hnsw(rows, "pqfs")
+    assert [c["top_cells"] for c in curve] == [5, 20, 100]
+    assert curve[0]["hnsw_ms_at_equal_recall"] == 0.3 and curve[0]["speedup_vs_hnsw32"] == pytest.approx(1.5)  # ef 32 is faster than ef 16
+    assert curve[1]["hnsw_ms_at_equal_recall"] == 2.0 and curve[1]["speedup_vs_hnsw32"] == pytest.approx(4.0)
+    assert curve[2]["hnsw_ms_at_equal_recall"] is None and curve[2]["speedup_vs_hnsw32"] is None  # HNSW never reaches 0.99
+
+
 def test_latency_rows_keys_and_targets():
     data = make_cell_data(3000, 32, nq=64, seed=1)
     log = RowLog(data, "synthetic", bandwidth=1e10, budget_s=0.005)
@@ -49,7 +64,7 @@ def test_latency_rows_keys_and_targets():
     retrieve = [r for r in log.rows if r["mode"] == "retrieve"]
     assert retrieve[0]["recall_vs_flat"] == 1.0
     hyb_all = [r for r in log.rows if r["mode"] == "hybrid" and r["top_cells"] == len(data.prototypes)]
-    assert not hyb_all  # k = 1, 5, 20 only
+    assert not hyb_all  # k = 1, 5, 20, 100 only
     hnsw_efs = {r.get("ef_search") for r in log.rows if r["mode"] == "hybrid" and r["cell_scoring"] == "hnsw"}
     assert hnsw_efs == {32, 128}
     t = report.targets(log.rows, len(data.xb))
@@ -62,6 +77,11 @@ def test_latency_rows_keys_and_targets():
         assert t["speedup_vs_hnsw32_at_equal_recall"] is None and t["hnsw_best_recall"] < t["default_recall"]
     else:
         assert t["speedup_vs_hnsw32_at_equal_recall"] == pytest.approx(t["hnsw_ms_at_default_recall"] / t["default_ms"])
+    curve = t["default_curve"]
+    assert [c["top_cells"] for c in curve] == list(HYBRID_TOP_CELLS)
+    assert all(c["speedup_vs_hnsw32"] is None if c["hnsw_ms_at_equal_recall"] is None
+               else c["speedup_vs_hnsw32"] == pytest.approx(c["hnsw_ms_at_equal_recall"] / c["hybrid_ms"]) for c in curve)
+    assert next(c for c in curve if c["top_cells"] == 5)["hybrid_ms"] == t["default_ms"]
     assert report.targets(log.rows, len(data.xb), "realistic") == {}  # no realistic rows here
     side = report.side_by_side(log.rows, log.rows)
     assert side and all(s["real_ms"] == s["twin_ms"] for s in side)

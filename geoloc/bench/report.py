@@ -7,8 +7,8 @@ from pathlib import Path
 
 from geoloc.config import IndexConfig
 
-__all__ = ["TARGET_RECALL", "TARGET_VS_FLAT", "TARGET_VS_HNSW", "default_scorer", "label", "markdown", "plot", "side_by_side",
-           "side_by_side_markdown", "summary_lines", "targets"]
+__all__ = ["TARGET_RECALL", "TARGET_VS_FLAT", "TARGET_VS_HNSW", "curve_vs_hnsw", "default_scorer", "label", "markdown", "plot",
+           "side_by_side", "side_by_side_markdown", "summary_lines", "targets"]
 
 
 def emit(result: dict, path: Path) -> None:
@@ -67,7 +67,9 @@ def targets(rows: list[dict], n: int, data: str | None = None) -> dict:
     Keys of the issue: ``data``, ``db_size``, ``default_row``, ``default_ms``, ``default_recall``,
     ``flat_ms``, ``default_speedup_vs_flat``, ``hnsw_ms_at_default_recall`` (None: HNSW32 never
     reaches it), ``hnsw_best_recall``, ``hnsw_best_ms``, ``speedup_vs_hnsw32_at_equal_recall``
-    (None when not reached); plus the best-scorer figures and the targets met."""
+    (None when not reached); plus the best-scorer figures, the targets met, and
+    ``default_curve``: the default scorer's hybrid rows at every k measured, each against the
+    fastest HNSW32 row reaching its recall (:func:`curve_vs_hnsw`)."""
     b1 = [r for r in rows if r["db_size"] == n and r["batch_size"] == 1 and r["source"] == "synthetic"
           and (data is None or r.get("data", "hard") == data)]
     hyb = [r for r in b1 if r["mode"] == "hybrid" and r["top_cells"] == 5]
@@ -99,7 +101,8 @@ def targets(rows: list[dict], n: int, data: str | None = None) -> dict:
                 "default_met_vs_flat": sp_flat >= TARGET_VS_FLAT and d["recall_vs_flat"] >= TARGET_RECALL,
                 # kept from earlier reports
                 "default_hnsw_row": label(ref_d), "default_hnsw_recall": ref_d["recall_vs_flat"],
-                "default_speedup_vs_hnsw32": ref_d["search_ms_per_query"] / d["search_ms_per_query"]}
+                "default_speedup_vs_hnsw32": ref_d["search_ms_per_query"] / d["search_ms_per_query"],
+                "default_curve": curve_vs_hnsw(b1, auto_kind)}
     return {
         **out,
         "hybrid_row": label(best), "hybrid_ms": best["search_ms_per_query"], "hybrid_recall": best["recall_vs_flat"],
@@ -109,6 +112,23 @@ def targets(rows: list[dict], n: int, data: str | None = None) -> dict:
         "hnsw_reaches_hybrid_recall": reached, "speedup_vs_hnsw32": r_hn, "target_vs_hnsw32": TARGET_VS_HNSW,
         "met_vs_hnsw32": reached and r_hn >= TARGET_VS_HNSW,
     }
+
+
+def curve_vs_hnsw(b1: list[dict], scorer: str) -> list[dict]:
+    """Hybrid's recall-versus-time curve with cell scorer ``scorer`` (its default setting) against
+    HNSW32's, from batch-1 rows of one data kind and size: per k (``top_cells``, ascending) hybrid's
+    ms and recall, the fastest HNSW32 row reaching that recall (ms None: none does) and the ratio."""
+    ef = IndexConfig().hnsw_ef_search
+    hyb = sorted((r for r in b1 if r["mode"] == "hybrid" and r.get("cell_scoring") == scorer
+                  and r.get("ef_search", ef) == ef), key=lambda r: r["top_cells"])
+    hn = [r for r in b1 if r["mode"] == "hnsw32"]
+    out = []
+    for r in hyb:
+        ref, reached = _fastest_hnsw_at(hn, r["recall_vs_flat"])
+        out.append({"top_cells": r["top_cells"], "hybrid_ms": r["search_ms_per_query"], "hybrid_recall": r["recall_vs_flat"],
+                    "hnsw_ms_at_equal_recall": ref["search_ms_per_query"] if reached else None,
+                    "speedup_vs_hnsw32": ref["search_ms_per_query"] / r["search_ms_per_query"] if reached else None})
+    return out
 
 
 def summary_lines(tg: list[dict]) -> list[str]:
@@ -127,6 +147,10 @@ def summary_lines(tg: list[dict]) -> list[str]:
                        f"{t['default_speedup_vs_flat']:.0f}x vs exact flat ({'MET' if t['default_met_vs_flat'] else 'MISSED'}); "
                        + (f"{at:.1f}x vs HNSW32 at equal recall" if at is not None else
                           f"HNSW32 never reaches its recall (best {t['hnsw_best_recall']:.3f} at {t['hnsw_best_ms']:.4f} ms)"))
+            out.append("  its curve vs HNSW32 at equal recall: " + "; ".join(
+                f"k={c['top_cells']} {c['hybrid_ms']:.3f} ms, {c['hybrid_recall']:.3f}: "
+                + ("HNSW never" if c["speedup_vs_hnsw32"] is None else f"{c['speedup_vs_hnsw32']:.2f}x")
+                for c in t["default_curve"]))
     return out
 
 

@@ -26,9 +26,11 @@ from geoloc.bench.timing import peak_rss_bytes, recall_at, time_search
 from geoloc.config import IndexConfig
 from geoloc.index import CellIndex
 
-__all__ = ["NCPU", "TOPK", "RowLog", "engine_rows", "hnsw_rows", "ivf_rows"]
+__all__ = ["HYBRID_TOP_CELLS", "NCPU", "TOPK", "RowLog", "engine_rows", "hnsw_rows", "ivf_rows"]
 
 TOPK = 10
+HYBRID_TOP_CELLS = (1, 5, 20, 100)
+"""Hybrid's curve: the cells searched per row (k = 5 alone for a scorer's non-default settings)."""
 NCPU = faiss.omp_get_max_threads()
 
 
@@ -141,7 +143,7 @@ def scorer_rows(log_: RowLog, idx: CellIndex, extra: dict, gt1: np.ndarray, exac
     for b in batches if all_rows else [b for b in batches if b == 1]:
         ms = log_.timed(lambda x: idx.search(x, mode="classify", top_cells=1), b)
         log_.add("classify", b, ms, float((res.cell_ids[:, 0] == gt_cell).mean()), cbytes[b], q_bytes_vec, top_cells=1, **extra)
-    for kc in (1, 5, 20) if all_rows else (5,):
+    for kc in HYBRID_TOP_CELLS if all_rows else (5,):
         res = idx.search(data.xq, mode="hybrid", top_cells=kc, k=TOPK)
         row_extra = dict(extra, top_cells=kc)
         if idx.quantizer_kind == "flat":
