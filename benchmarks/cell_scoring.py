@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for data, c, per in ((d, c, p) for d in args.data for c in args.cells for p in args.per_cell):
         protos, pc, xq, nn_cell = prototype_data(data, c, per, args, calib)
         pcs = None if per == 1 else pc
-        c = int(pc.max()) + 1  # realistic: the cells the generator drew
+        n_cells = int(pc.max()) + 1  # realistic: the cells the generator drew
         truth = None
         for kind in args.scorers:
             if kind == "hnsw" and len(protos) > args.max_hnsw_prototypes:
@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                 rk = float((ids == truth[:, None]).any(axis=1).mean())
                 mb = idx.memory_bytes()["quantizer"] / 1e6
                 rn = None if nn_cell is None else float((ids == nn_cell[:, None]).any(axis=1).mean())
-                rows.append({"data": data, "cells": c, "per_cell": per, "prototypes": len(protos), "scorer": kind, **setting,
+                rows.append({"data": data, "cells": n_cells, "per_cell": per, "prototypes": len(protos), "scorer": kind, **setting,
                              "k": args.k, "ms_per_query": ms, "cell_recall_at_1": r1, "cell_recall_at_k": rk,
                              "nn_cell_recall_at_k": rn,
                              "scorer_bytes": mb * 1e6, "build_s": build_s, "rss_bytes": current_rss_bytes()})
-                print(f"| {data} | {c} | {per} | {len(protos)} | {kind} | {json.dumps(setting)} | {ms:.4f} | {r1:.3f} | {rk:.3f} | "
+                print(f"| {data} | {n_cells} | {per} | {len(protos)} | {kind} | {json.dumps(setting)} | {ms:.4f} | {r1:.3f} | {rk:.3f} | "
                       f"{'-' if rn is None else f'{rn:.3f}'} | "
                       f"{mb:.1f} | {build_s:.1f} |", flush=True)
             del base, idx

@@ -238,3 +238,39 @@ def test_realistic_twin_with_sub_centres():
     best_sub = np.max(np.stack([(four.xb * four.prototypes[four.cells * 4 + j]).sum(1) for j in range(4)]), axis=0)
     mean_cos = (one.xb * one.prototypes[one.cells]).sum(1)
     assert best_sub.mean() > mean_cos.mean() + 0.02
+
+
+def test_cell_scoring_benchmark_on_realistic_prototypes(tmp_path):
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import cell_scoring
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "cs.json"
+    assert cell_scoring.main(["--cells", "40", "--per-cell", "1", "3", "--dim", "32", "--queries", "48", "--k", "5",
+                              "--data", "hard", "realistic", "--scorers", "flat", "pqfs", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["data"], r["per_cell"], r["scorer"]) for r in rows} == {
+        (d, k, s) for d in ("hard", "realistic") for k in (1, 3) for s in ("flat", "pqfs")}
+    for r in rows:
+        assert r["prototypes"] == r["cells"] * r["per_cell"]  # every realistic cell has its K sub-centres
+        if r["scorer"] == "flat":
+            assert r["cell_recall_at_1"] == 1.0  # flat is the reference
+        if r["data"] == "hard":
+            assert r["nn_cell_recall_at_k"] is None  # no database rows: no nearest row
+        else:
+            assert 0.0 < r["nn_cell_recall_at_k"] <= 1.0
+    # hybrid's ceiling with exact scoring: the cell of each query's nearest row, checked by hand
+    protos, pc, xq, nn_cell = cell_scoring.prototype_data("realistic", 40, 3, argparse.Namespace(dim=32, queries=48),
+                                                          default_calibration(32))
+    scores = xq @ protos.T
+    cell_best = np.full((len(xq), int(pc.max()) + 1), -np.inf)
+    np.maximum.at(cell_best.T, pc, scores.T)
+    top5 = np.argsort(-cell_best, axis=1)[:, :5]
+    flat3 = next(r for r in rows if r["data"] == "realistic" and r["per_cell"] == 3 and r["scorer"] == "flat")
+    assert flat3["nn_cell_recall_at_k"] == pytest.approx(float((top5 == nn_cell[:, None]).any(axis=1).mean()))
