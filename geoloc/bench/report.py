@@ -87,8 +87,7 @@ def targets(rows: list[dict], n: int, data: str | None = None) -> dict:
     hn_best = max(hn, key=lambda r: (r["recall_vs_flat"], -r["search_ms_per_query"]))
     out = {"data": data or hyb[0].get("data", "hard"), "db_size": n}
     auto_kind = default_scorer(hyb[0]["n_cells"])
-    auto = [r for r in hyb if r.get("cell_scoring") == auto_kind and r.get("ef_search", IndexConfig().hnsw_ef_search)
-            == IndexConfig().hnsw_ef_search]
+    auto = [r for r in hyb if _default_setting_of(r, auto_kind)]
     if auto:
         d = auto[0]
         ref_d, reached_d = _fastest_hnsw_at(hn, d["recall_vs_flat"])
@@ -114,13 +113,17 @@ def targets(rows: list[dict], n: int, data: str | None = None) -> dict:
     }
 
 
+def _default_setting_of(row: dict, scorer: str) -> bool:
+    """True when ``row`` scored its cells with ``scorer`` at its default setting (HNSW: default efSearch)."""
+    ef = IndexConfig().hnsw_ef_search
+    return row.get("cell_scoring") == scorer and row.get("ef_search", ef) == ef
+
+
 def curve_vs_hnsw(b1: list[dict], scorer: str) -> list[dict]:
     """Hybrid's recall-versus-time curve with cell scorer ``scorer`` (its default setting) against
     HNSW32's, from batch-1 rows of one data kind and size: per k (``top_cells``, ascending) hybrid's
     ms and recall, the fastest HNSW32 row reaching that recall (ms None: none does) and the ratio."""
-    ef = IndexConfig().hnsw_ef_search
-    hyb = sorted((r for r in b1 if r["mode"] == "hybrid" and r.get("cell_scoring") == scorer
-                  and r.get("ef_search", ef) == ef), key=lambda r: r["top_cells"])
+    hyb = sorted((r for r in b1 if r["mode"] == "hybrid" and _default_setting_of(r, scorer)), key=lambda r: r["top_cells"])
     hn = [r for r in b1 if r["mode"] == "hnsw32"]
     out = []
     for r in hyb:
